@@ -1,0 +1,1 @@
+"""Run analysis (forgetting curves, phases, disabling edits), installed as `seqedit.analysis`."""

@@ -1,0 +1,1 @@
+"""Downstream-accuracy probes (lm-evaluation-harness, in-process), installed as `seqedit.downstream`."""

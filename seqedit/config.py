@@ -1,0 +1,295 @@
+"""Run configuration: frozen dataclasses, YAML files and dotted CLI overrides (`editor.layers=[2]`).
+
+Unknown keys fail with a did-you-mean; values are type-checked against the annotations. The `editor` section is
+open: `name` picks the editor, every other key goes to that editor's own `Config` dataclass and is validated there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from seqedit.registry import did_you_mean
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # HF id, local path, or "world:<preset>" (the embedded synthetic world, built on first use).
+    name: str = "world:small"
+    revision: str | None = None  # pin a hub revision for reproducibility
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "world" = the model's synthetic world records; otherwise a file path or "hf:<name>[:<split>]" (local cache only).
+    source: str = "world"
+    format: str = "auto"  # auto | counterfact | zsre | easyedit | jsonl | hf
+    on_error: str = "raise"  # raise | skip (skip-and-report malformed records)
+    shuffle: bool = True  # deterministic order from data.seed
+    seed: int = 0
+    start: int = 0  # slice of the ordered stream
+    stop: int | None = None
+    unique_subjects: bool = False  # keep the first request per subject (as the forgetting studies do)
+
+
+@dataclass(frozen=True)
+class EditorSection:
+    name: str = "ft"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    immediate: bool = True  # score each batch right after it is applied
+    paraphrase: bool = True
+    neighborhood: bool = True
+    batch_size: int = 64  # prompts per forward pass in scoring
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "seqedit"
+    entity: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "default"
+    seed: int = 0
+    n_edits: int = 100
+    batch_size: int = 1  # requests per editor call: 1 = single sequential edits, >1 = batched-sequential
+    runs_dir: str = "runs"  # run outputs go to <runs_dir>/<run_id>/
+    cache_dir: str | None = None  # defaults to $SEQEDIT_CACHE or ~/.cache/seqedit
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    editor: EditorSection = field(default_factory=EditorSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = _to_plain(self)
+        ed = d.pop("editor")
+        d["editor"] = {"name": ed["name"], **ed["options"]}
+        return d
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.name}-{self.config_hash()[:8]}-s{self.seed}"
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generic typed construction
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert `value` against annotation `tp`; raise ConfigError naming `where`, the value and the type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+    if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            if origin is not None and (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                value = [value]  # a scalar where a list is expected: layers=2 means [2]
+            else:
+                raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items)
+    if origin in (dict, Mapping, typing.Mapping) or tp in (dict,):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build_dataclass(tp, value, where)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not allowed; allowed: {', '.join(map(repr, args))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys (with did-you-mean) and wrong types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key {path!r}; {did_you_mean(str(key), fields)}")
+        kwargs[key] = coerce(value, hints[key], path)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.format": ("auto", "counterfact", "zsre", "easyedit", "jsonl", "hf"),
+    "data.on_error": ("raise", "skip"),
+    "wandb.mode": ("online", "offline", "disabled"),
+}
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        elif not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value (e.g. editor.layers=[2])")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def from_dict(tree: Mapping[str, Any]) -> RunConfig:
+    tree = dict(tree)
+    editor = tree.pop("editor", None)
+    cfg = build_dataclass(RunConfig, tree)
+    if editor is not None:
+        if isinstance(editor, str):
+            editor = {"name": editor}
+        if not isinstance(editor, Mapping):
+            raise ConfigError(f"editor: expected a mapping with a 'name', got {editor!r}")
+        editor = dict(editor)
+        name = coerce(editor.pop("name", "ft"), str, "editor.name")
+        cfg = dataclasses.replace(cfg, editor=EditorSection(name=name, options=editor))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    plain = cfg.to_dict()
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = plain[section][key]
+        if value not in allowed:
+            raise ConfigError(f"{dotted}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+    for key in ("n_edits", "batch_size"):
+        if plain[key] < 1:
+            raise ConfigError(f"{key}: {plain[key]} must be >= 1")
+    # Resolve the editor now so that a typo fails before any model is loaded.
+    from seqedit.editors.base import make_editor
+
+    make_editor(cfg.editor.name, cfg.editor.options)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
+        tree = loaded
+    for ov in overrides:
+        key, value = parse_override(ov)
+        _set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
