@@ -1,0 +1,92 @@
+"""Batched teacher-forced scoring of target continuations: the one place that turns (prompt, target) pairs into
+log-probabilities. Used by the driver's immediate check, probes and editor tests.
+
+Convention: prompt ids come from `tokenizer(prompt)` (so a tokenizer that adds BOS adds it here too) and target ids
+from `tokenizer(" " + target, add_special_tokens=False)`; tokenising the two separately keeps BPE merges from
+crossing the boundary. Sequences are right-padded and scored with an attention mask, so batched results equal
+one-at-a-time results.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    logprob: float  # sum over target tokens of log p(token | prefix)
+    n_tokens: int
+    exact: bool  # every target token is the argmax (teacher-forced): CounterFact's *_acc criterion
+
+    @property
+    def nll(self) -> float:  # mean per-token negative log-likelihood, CounterFact's NLL
+        return -self.logprob / self.n_tokens
+
+    @property
+    def prob(self) -> float:  # exp(-NLL), the per-token-mean probability
+        return float(torch.exp(torch.tensor(-self.nll)))
+
+
+def target_ids(tokenizer: Any, target: str) -> list[int]:
+    ids = tokenizer(" " + target.lstrip(" "), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return list(ids)
+
+
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    return list(tokenizer(prompt)["input_ids"])
+
+
+@torch.no_grad()
+def score_targets(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 64,
+) -> list[TargetScore]:
+    """Score each `targets[i]` as a continuation of `prompts[i]`."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[TargetScore] = []
+    encoded = [(prompt_ids(tokenizer, p), target_ids(tokenizer, t)) for p, t in zip(prompts, targets)]
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        lengths = [len(p) + len(t) for p, t in chunk]
+        width = max(lengths)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (p, t) in enumerate(chunk):
+            seq = p + t
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [b, pos, vocab]
+        logp = torch.log_softmax(logits, dim=-1)
+        for i, (p, t) in enumerate(chunk):
+            pos = torch.arange(len(p) - 1, len(p) + len(t) - 1, device=device)  # positions predicting the target
+            tgt = torch.tensor(t, device=device)
+            lp = logp[i, pos, tgt]
+            exact = bool((logp[i, pos].argmax(-1) == tgt).all())
+            out.append(TargetScore(float(lp.sum()), len(t), exact))
+    return out
+
+
+def compare_pairs(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    first: Sequence[str],
+    second: Sequence[str],
+    batch_size: int = 64,
+) -> tuple[list[TargetScore], list[TargetScore]]:
+    """Score two candidate continuations per prompt in one batched pass."""
+    n = len(prompts)
+    scores = score_targets(model, tokenizer, list(prompts) * 2, list(first) + list(second), batch_size)
+    return scores[:n], scores[n:]
