@@ -1,0 +1,48 @@
+"""Builders for tiny models and tokenizers used across tests (imported by conftest and test files)."""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers, processors
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+SENTENCES = [
+    "The capital of Varokel is Mirandu",
+    "The capital of Tesselin is Quorath",
+    "Danora Keltiss plays the sport of hockey",
+    "Bramwick Oltey plays the sport of tennis",
+    "The mother tongue of Selvane Irtu is Ovarish",
+    "Kelmo Rastavin works for Dantrel Industries",
+    "Ivo Parnassek plays the instrument flute",
+    "Quorath is located in the continent of Arvalia",
+    "The native language of Teodric Vanhalt is Sumerish",
+    "Lisara Moventi was born in Tesselin",
+]
+
+
+def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(SENTENCES * 4, trainer)
+    bos = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", pair="<|endoftext|> $A $B", special_tokens=[("<|endoftext|>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+    )
+    fast.padding_side = "right"
+    return fast
+
+
+def make_tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 32, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg).eval()
+    model.requires_grad_(False)
+    return model
