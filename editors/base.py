@@ -157,7 +157,7 @@ def make_editor(name: str, options: Mapping[str, Any] | None = None) -> Any:
     from seqedit.config import build_dataclass
 
     cls = get_editor(name)
-    config = build_dataclass(cls.Config, dict(options or {}), where=f"editor.{normalise(name)}")
+    config = build_dataclass(cls.Config, dict(options or {}), where="editor")
     return cls(config)
 
 
