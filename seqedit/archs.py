@@ -52,7 +52,8 @@ ARCHS: tuple[ArchSpec, ...] = (
              "transformer.wte", "transformer.ln_f", "lm_head"),
     ArchSpec("gpt_neox", ("gpt_neox",), "gpt_neox.layers", "gpt_neox.layers.{}", "gpt_neox.layers.{}.mlp",
              "gpt_neox.layers.{}.mlp.dense_h_to_4h", "gpt_neox.layers.{}.mlp.dense_4h_to_h",
-             "gpt_neox.layers.{}.attention", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "embed_out"),
+             # transformers 5 renamed GPT-NeoX's `embed_out` to `lm_head` (old checkpoints are converted on load).
+             "gpt_neox.layers.{}.attention", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "lm_head"),
     # Llama-style gated MLP: "mlp_in" is up_proj; the rewritten matrix is down_proj, whose input is act(gate)*up.
     ArchSpec("llama", ("llama", "mistral", "qwen2"), "model.layers", "model.layers.{}", "model.layers.{}.mlp",
              "model.layers.{}.mlp.up_proj", "model.layers.{}.mlp.down_proj", "model.layers.{}.self_attn",
@@ -64,14 +65,18 @@ def supported_model_types() -> list[str]:
     return sorted(t for a in ARCHS for t in a.model_types)
 
 
-def arch_for(model: nn.Module) -> ArchSpec:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def spec_for_model_type(model_type: str | None) -> ArchSpec:
+    """The map serving HF `config.model_type`; lets loaders reject a model from its config before loading weights."""
     for spec in ARCHS:
         if model_type in spec.model_types:
             return spec
     raise ValueError(
         f"unsupported architecture {model_type!r}; supported model types: {', '.join(supported_model_types())}"
     )
+
+
+def arch_for(model: nn.Module) -> ArchSpec:
+    return spec_for_model_type(getattr(getattr(model, "config", None), "model_type", None))
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
