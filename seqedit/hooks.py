@@ -66,3 +66,37 @@ def patch_output(model: nn.Module, name: str, fn: Callable[[torch.Tensor], torch
         yield
     finally:
         handle.remove()
+
+
+class StopForward(Exception):
+    """Raised by `capture_inputs(..., stop=True)` to end a forward pass early; the context manager swallows it."""
+
+
+@contextlib.contextmanager
+def capture_inputs(model: nn.Module, names: Sequence[str], *, stop: bool = False) -> Iterator[Captured]:
+    """Record the first positional input of each named module with forward *pre*-hooks (detached).
+
+    With `stop=True` the forward pass is aborted as soon as every named module has received its input (the modules
+    themselves and everything after them never run): a `model(...)` call inside the block then ends the block, so put
+    nothing after it that must run. Used where only an early activation is needed (second-moment statistics, keys).
+    """
+    store = Captured()
+    handles = []
+    wanted = set(names)
+    try:
+        for name in names:
+            module = get_module(model, name)
+
+            def hook(mod, args, _name=name):
+                store.inputs[_name] = _first(args).detach()
+                if stop and wanted.issubset(store.inputs):
+                    raise StopForward
+
+            handles.append(module.register_forward_pre_hook(hook))
+        try:
+            yield store
+        except StopForward:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
