@@ -54,6 +54,23 @@ class EditorSection:
 
 
 @dataclass(frozen=True)
+class ProbeSpec:
+    name: str
+    schedule: str = "every:100"  # see seqedit.schedule: every:N | geometric:B | at:[..] | signal:NAME | never, "|" unions
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    # A single update whose norm is >= spike_factor x the running median of earlier updates raises the "norm_spike"
+    # signal (on-signal probes run, an alert is written): the signature of a disabling edit.
+    spike_factor: float = 10.0
+    spike_warmup: int = 10  # edits before spikes are judged (the median needs a few samples)
+    heartbeat_seconds: float = 60.0  # heartbeat.json + one log line at most this often
+    state_every: int = 50  # save state.json every N editor calls
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     immediate: bool = True  # score each batch right after it is applied
     paraphrase: bool = True
@@ -82,12 +99,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     editor: EditorSection = field(default_factory=EditorSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probes: tuple[ProbeSpec, ...] = ()
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
         d = _to_plain(self)
         ed = d.pop("editor")
         d["editor"] = {"name": ed["name"], **ed["options"]}
+        d["probes"] = [{"name": p["name"], "schedule": p["schedule"], **p["options"]} for p in d["probes"]]
         return d
 
     def config_hash(self) -> str:
@@ -246,7 +266,24 @@ def parse_override(text: str) -> tuple[str, Any]:
 def from_dict(tree: Mapping[str, Any]) -> RunConfig:
     tree = dict(tree)
     editor = tree.pop("editor", None)
+    probes = tree.pop("probes", None)
     cfg = build_dataclass(RunConfig, tree)
+    if probes is not None:
+        if isinstance(probes, Mapping):  # {retention: {schedule: ...}, perplexity: {...}} is accepted too
+            probes = [{"name": k, **(v or {})} for k, v in probes.items()]
+        if not isinstance(probes, (list, tuple)):
+            raise ConfigError(f"probes: expected a list of {{name, schedule, ...options}}, got {probes!r}")
+        specs = []
+        for i, item in enumerate(probes):
+            if isinstance(item, str):
+                item = {"name": item}
+            if not isinstance(item, Mapping) or "name" not in item:
+                raise ConfigError(f"probes[{i}]: expected a mapping with a 'name', got {item!r}")
+            item = dict(item)
+            name = coerce(item.pop("name"), str, f"probes[{i}].name")
+            schedule = coerce(item.pop("schedule", "every:100"), str, f"probes[{i}].schedule")
+            specs.append(ProbeSpec(name=name, schedule=schedule, options=item))
+        cfg = dataclasses.replace(cfg, probes=tuple(specs))
     if editor is not None:
         if isinstance(editor, str):
             editor = {"name": editor}
@@ -269,10 +306,18 @@ def validate(cfg: RunConfig) -> None:
     for key in ("n_edits", "batch_size"):
         if plain[key] < 1:
             raise ConfigError(f"{key}: {plain[key]} must be >= 1")
-    # Resolve the editor now so that a typo fails before any model is loaded.
+    # Resolve the editor and probes now so that a typo fails before any model is loaded.
     from seqedit.editors.base import make_editor
+    from seqedit.probe_api import make_probe
+    from seqedit.schedule import parse_schedule
 
     make_editor(cfg.editor.name, cfg.editor.options)
+    for i, spec in enumerate(cfg.probes):
+        make_probe(spec.name, spec.options)
+        try:
+            parse_schedule(spec.schedule)
+        except ValueError as e:
+            raise ConfigError(f"probes[{i}].schedule: {e}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -24,6 +24,8 @@ class ProbeContext:
     run_dir: Path | None = None
     world: Any = None  # seqedit.world.World when the model is a world model
     seed: int = 0
+    edited_params: tuple[str, ...] = ()  # parameters the editor may change
+    stream: Sequence[EditRequest] = ()  # the whole planned stream (applied ones first)
 
 
 @dataclass(frozen=True)
@@ -45,3 +47,23 @@ PROBES: Registry[type] = Registry("probe", entry_point_group="seqedit.probes")
 
 def register_probe(name: str):
     return PROBES.register(name)
+
+
+def _discover() -> None:
+    import seqedit.probes  # noqa: F401  (registers the built-in probes)
+
+    PROBES.register_lazy("downstream", "seqedit.downstream.lm_eval_probe")
+
+
+def list_probes() -> list[str]:
+    _discover()
+    return PROBES.names()
+
+
+def make_probe(name: str, options: Mapping[str, Any] | None = None) -> Any:
+    """Instantiate probe `name` with its Config built from `options` (unknown keys -> did-you-mean error)."""
+    from seqedit.config import build_dataclass
+
+    _discover()
+    cls = PROBES.get(name)
+    return cls(build_dataclass(cls.Config, dict(options or {}), where=f"probes.{name}"))

@@ -1,0 +1,262 @@
+"""Built-in probes: retention of earlier edits, recall of unedited facts, perplexity, generation entropy and weight
+spectra. Each is batched (many prompts per forward pass) and leaves the model as it found it.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from seqedit.metrics import evaluate_requests, mean_of
+from seqedit.probe_api import PROBES, ProbeContext, ProbeResult, register_probe
+from seqedit.scoring import score_targets
+from seqedit.types import EditRequest
+
+
+def age_stratified_sample(n_applied: int, k: int, seed: int) -> list[int]:
+    """Positions of `k` earlier edits, spread over geometric age buckets (ages 1, 2-3, 4-7, ...) so that both recent
+    and old edits are always represented. Fixed by the seed and the count, so checks are comparable."""
+    if k >= n_applied:
+        return list(range(n_applied))
+    buckets: list[list[int]] = []
+    lo = 1
+    while lo <= n_applied:
+        hi = min(2 * lo - 1, n_applied)
+        buckets.append([n_applied - age for age in range(lo, hi + 1)])  # positions with age in [lo, hi]
+        lo *= 2
+    rng = random.Random(seed * 1_000_003 + n_applied)
+    chosen: list[int] = []
+    per = max(1, k // len(buckets))
+    for b in buckets:
+        chosen.extend(rng.sample(b, min(per, len(b))))
+    rest = sorted(set(range(n_applied)) - set(chosen))
+    chosen.extend(rng.sample(rest, max(0, k - len(chosen))))
+    return sorted(chosen[:k])
+
+
+@register_probe("retention")
+class RetentionProbe:
+    """Re-check earlier edits (all, or an age-stratified sample) on efficacy, paraphrase and neighbourhood.
+    Rows feed the retention matrix (edit x check). No shortcut: forgotten edits are re-checked every time."""
+
+    name: ClassVar[str] = "retention"
+    cost: ClassVar[str] = "cheap"
+
+    @dataclass(frozen=True)
+    class Config:
+        sample: int | None = None  # None = every applied edit
+        batch_size: int = 64
+        paraphrase: bool = True
+        neighborhood: bool = True
+
+    def __init__(self, config: "RetentionProbe.Config | None" = None) -> None:
+        self.config = config or self.Config()
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        n = len(ctx.applied)
+        positions = age_stratified_sample(n, self.config.sample, ctx.seed) if self.config.sample else list(range(n))
+        reqs = [ctx.applied[i] for i in positions]
+        outcomes = evaluate_requests(ctx.model, ctx.tokenizer, reqs, paraphrase=self.config.paraphrase,
+                                     neighborhood=self.config.neighborhood, batch_size=self.config.batch_size)
+        rows = [
+            {"case_id": o.case_id, "position": p, "age": n - p, "efficacy": o.efficacy, "paraphrase": o.paraphrase,
+             "neighborhood": o.neighborhood, "prob_new": o.prob_new}
+            for p, o in zip(positions, outcomes)
+        ]
+        metrics = {f"probe/retention/{k}": mean_of(outcomes, k)
+                   for k in ("efficacy", "paraphrase", "neighborhood", "prob_new")}
+        metrics["probe/retention/n"] = float(len(outcomes))
+        return ProbeResult(metrics, rows)
+
+
+def _world_records(ctx: ProbeContext) -> list[EditRequest]:
+    if ctx.world is None:
+        return []
+    from seqedit.data import load_requests
+
+    return list(load_requests(ctx.world.counterfact_path, format="counterfact").requests)
+
+
+@register_probe("unedited")
+class UneditedRecallProbe:
+    """Top-1 recall (teacher-forced exact match) of the true object on facts whose subject was never edited: the
+    general-knowledge curve that drops when edits spill over. Uses a fixed sample of the world's records (or of
+    the stream's not-yet-applied requests for external data)."""
+
+    name: ClassVar[str] = "unedited"
+    cost: ClassVar[str] = "cheap"
+
+    @dataclass(frozen=True)
+    class Config:
+        sample: int = 200
+        batch_size: int = 64
+
+    def __init__(self, config: "UneditedRecallProbe.Config | None" = None) -> None:
+        self.config = config or self.Config()
+        self._pool: list[EditRequest] | None = None
+
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        if self._pool is None:
+            planned = {r.subject for r in ctx.stream}
+            pool = [r for r in (_world_records(ctx) or list(ctx.stream)) if r.target_true]
+            untouched = [r for r in pool if r.subject not in planned] or pool
+            rng = random.Random(ctx.seed)
+            self._pool = rng.sample(untouched, min(self.config.sample, len(untouched)))
+        edited = {r.subject for r in ctx.applied}
+        pool = [r for r in self._pool if r.subject not in edited]
+        if not pool:
+            return ProbeResult({"probe/unedited/recall": None, "probe/unedited/n": 0.0})
+        scores = score_targets(ctx.model, ctx.tokenizer, [r.text for r in pool], [r.target_true for r in pool],
+                               batch_size=self.config.batch_size)
+        recall = sum(s.exact for s in scores) / len(scores)
+        prob = sum(s.prob for s in scores) / len(scores)
+        return ProbeResult({"probe/unedited/recall": recall, "probe/unedited/prob_true": prob,
+                            "probe/unedited/n": float(len(pool))})
+
+
+@register_probe("perplexity")
+class PerplexityProbe:
+    """Token perplexity of held-out text (the world's heldout.txt, or `path`), first `max_docs` lines."""
+
+    name: ClassVar[str] = "perplexity"
+    cost: ClassVar[str] = "cheap"
+
+    @dataclass(frozen=True)
+    class Config:
+        path: str | None = None
+        max_docs: int = 200
+        batch_size: int = 32
+
+    def __init__(self, config: "PerplexityProbe.Config | None" = None) -> None:
+        self.config = config or self.Config()
+        self._docs: list[list[int]] | None = None
+
+    def _load(self, ctx: ProbeContext) -> list[list[int]]:
+        path = self.config.path or (ctx.world.heldout_path if ctx.world is not None else None)
+        if path is None:
+            raise ValueError("probe perplexity: set probes[].options.path to a text file (one document per line); "
+                             "there is no world held-out text for this model")
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()][: self.config.max_docs]
+        limit = getattr(ctx.model.config, "n_positions", None) or getattr(ctx.model.config, "max_position_embeddings",
+                                                                           1024)
+        return [ctx.tokenizer(ln)["input_ids"][:limit] for ln in lines]
+
+    @torch.no_grad()
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        if self._docs is None:
+            self._docs = self._load(ctx)
+        model = ctx.model
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for start in range(0, len(self._docs), self.config.batch_size):
+            chunk = [d for d in self._docs[start : start + self.config.batch_size] if len(d) > 1]
+            if not chunk:
+                continue
+            width = max(map(len, chunk))
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, d in enumerate(chunk):
+                ids[i, : len(d)] = torch.tensor(d)
+                mask[i, : len(d)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)  # [b, pos, V]
+            tok_lp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # [b, pos-1]
+            valid = mask[:, 1:].bool()
+            total += float(-tok_lp[valid].sum())
+            count += int(valid.sum())
+        nll = total / max(count, 1)
+        return ProbeResult({"probe/perplexity/nll": nll, "probe/perplexity/ppl": math.exp(min(nll, 50.0))})
+
+
+def ngram_entropy(text: str, n: int) -> float:
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    counts = Counter(grams)
+    total = sum(counts.values())
+    return -sum(c / total * math.log2(c / total) for c in counts.values())
+
+
+@register_probe("gen_entropy")
+class GenerationEntropyProbe:
+    """CounterFact's fluency: generate from fixed prompts (seeded top-k sampling) and report the weighted n-gram
+    entropy mean(2/3·H2 + 4/3·H3); a collapsed model repeats itself and this drops."""
+
+    name: ClassVar[str] = "gen_entropy"
+    cost: ClassVar[str] = "cheap"
+
+    @dataclass(frozen=True)
+    class Config:
+        n_prompts: int = 10
+        max_new_tokens: int = 40
+        top_k: int = 5
+
+    def __init__(self, config: "GenerationEntropyProbe.Config | None" = None) -> None:
+        self.config = config or self.Config()
+        self._prompts: list[str] | None = None
+
+    @torch.no_grad()
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        if self._prompts is None:
+            prompts: list[str] = []
+            for r in ctx.stream:
+                prompts.extend(r.generation_prompts[:1] or [r.text])
+                if len(prompts) >= self.config.n_prompts:
+                    break
+            self._prompts = prompts
+        model, tok = ctx.model, ctx.tokenizer
+        device = next(model.parameters()).device
+        texts = []
+        for i, prompt in enumerate(self._prompts):
+            ids = torch.tensor([tok(prompt)["input_ids"]], device=device)
+            g = torch.Generator(device="cpu").manual_seed(ctx.seed * 7919 + i)
+            for _ in range(self.config.max_new_tokens):
+                logits = model(input_ids=ids).logits[0, -1].float().cpu()
+                top = torch.topk(logits, self.config.top_k)
+                probs = torch.softmax(top.values, -1)
+                nxt = top.indices[torch.multinomial(probs, 1, generator=g)]
+                ids = torch.cat([ids, nxt.to(device)[None]], dim=1)
+            texts.append(tok.decode(ids[0].tolist(), skip_special_tokens=True))
+        ent = [(2 / 3) * ngram_entropy(t, 2) + (4 / 3) * ngram_entropy(t, 3) for t in texts]
+        rows = [{"prompt": p, "text": t, "entropy": e} for p, t, e in zip(self._prompts, texts, ent)]
+        return ProbeResult({"probe/gen_entropy/entropy": sum(ent) / max(len(ent), 1)}, rows)
+
+
+@register_probe("spectrum")
+class SpectrumProbe:
+    """σ_max and condition number of each edited matrix W_t (full SVD; on a schedule, not every edit)."""
+
+    name: ClassVar[str] = "spectrum"
+    cost: ClassVar[str] = "cheap"
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config or self.Config()
+
+    @torch.no_grad()
+    def __call__(self, ctx: ProbeContext) -> ProbeResult:
+        out: dict[str, float | None] = {}
+        for name in ctx.edited_params:
+            w = ctx.model.get_parameter(name).detach().double()
+            if not torch.isfinite(w).all():
+                out[f"weights/{name}/sigma_max"] = float("nan")
+                out[f"weights/{name}/cond"] = float("nan")
+                continue
+            s = torch.linalg.svdvals(w)
+            out[f"weights/{name}/sigma_max"] = float(s[0])
+            out[f"weights/{name}/cond"] = float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
+        return ProbeResult(out)
+
+
+def builtin_probe_names() -> Sequence[str]:
+    return PROBES.names()
