@@ -189,7 +189,8 @@ def test_easyedit_nested_locality(tmp_path: Path) -> None:
     a, b = result.requests
     assert a.neighbours() == [("The father of Ray Charles is", "Bailey Robinson")]
     assert a.paraphrase_prompts == ("What does Ray Charles play?",)
-    assert b.neighbours() == [("The father of Ray Charles is", "Bailey Robinson"), ("Ray Charles was born in", "Albany")]
+    assert b.neighbours() == [("The father of Ray Charles is", "Bailey Robinson"),
+                              ("Ray Charles was born in", "Albany")]
 
 
 def test_easyedit_subject_not_in_prompt_names_record(tmp_path: Path) -> None:
@@ -267,7 +268,7 @@ def test_auto_detection(tmp_path: Path, name: str, records: list[Any], expected:
 
 def test_auto_unknown_layout_lists_formats(tmp_path: Path) -> None:
     path = _write_json(tmp_path / "other.json", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"other\.json: cannot detect the format.*counterfact, zsre, easyedit, jsonl, hf"):
+    with pytest.raises(DataError, match=r"other\.json: cannot detect the format.*counterfact, zsre, easyedit, jsonl, hf"):  # noqa: E501
         load_requests(path)
 
 
