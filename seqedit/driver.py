@@ -1,17 +1,20 @@
 """The sequential-editing loop, top to bottom. `run(cfg)` is the whole job:
 
-    config -> run dir -> model (+ world) -> edit stream -> editor.prepare
-    for each batch: editor.compute -> apply -> weight telemetry -> immediate scores -> JSONL
-    -> summary.json
+    config -> run dir -> model (+ world) -> edit stream -> editor.prepare -> sinks
+    baseline probes
+    for each batch: editor.compute -> apply -> weight telemetry -> spike signal -> immediate scores
+                    -> due probes -> JSONL (+ wandb) -> heartbeat / state
+    final scores -> retention matrix -> summary.json
 
-Every side effect is visible here; probes, telemetry and sinks are small modules this file calls.
-All run state lives in `RunState` so it can be saved and restored whole.
+Every side effect is visible here; probes, schedules, telemetry and sinks are small modules this file calls. All run
+state lives in `RunState` so it can be saved and restored whole.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +24,17 @@ import torch
 
 from seqedit.apply import NonFiniteDeltaError, apply_proposal
 from seqedit.config import RunConfig, dump_yaml
-from seqedit.io import atomic_write_json, atomic_write_text
+from seqedit.io import atomic_write_json, atomic_write_text, read_jsonl
 from seqedit.metrics import evaluate_requests, mean_of
+from seqedit.probe_api import ProbeContext, make_probe
+from seqedit.schedule import parse_schedule
 from seqedit.telemetry import JsonlSink
 from seqedit.types import EditRequest
+from seqedit.wandb_sink import WandbSink
 from seqedit.weights import WeightTracker
 
 log = logging.getLogger(__name__)
+SCORES = ("efficacy", "paraphrase", "neighborhood", "prob_new")
 
 
 class RunError(RuntimeError):
@@ -46,17 +53,19 @@ def default_cache_dir(configured: str | None = None) -> Path:
 
 @dataclass
 class RunState:
-    """Everything a resumed run needs besides the weights; saved as state.json."""
+    """Everything a resumed run needs besides the weights; saved atomically as state.json."""
 
     run_id: str
     config_hash: str
+    wandb_id: str
     status: str = "created"  # created | running | finished | failed | preempted
     next_batch: int = 0
     edits_done: int = 0
-    log_seq: int = 0  # sequence number of the last telemetry record
+    log_seq: int = 0  # sequence number of the last telemetry record (explicit wandb steps for offline replays)
+    update_norms: list[float] = field(default_factory=list)  # per-call max ‖ΔW‖_F, for the spike detector
+    probe_seconds: dict[str, float] = field(default_factory=dict)
     message: str = ""
     started_at: float = field(default_factory=time.time)
-    editor_state: dict[str, Any] = field(default_factory=dict)
 
     def save(self, run_dir: Path) -> None:
         atomic_write_json(run_dir / "state.json", dataclasses.asdict(self))
@@ -72,11 +81,31 @@ class RunSummary:
     metrics: dict[str, float | None]
 
 
+class Sinks:
+    """JSONL (truth) + wandb (view), with sequence numbers on every record."""
+
+    def __init__(self, jsonl: JsonlSink, wandb: WandbSink, state: RunState) -> None:
+        self.jsonl, self.wandb, self.state = jsonl, wandb, state
+
+    def log(self, stream: str, record: dict[str, Any]) -> None:
+        self.state.log_seq += 1
+        record = {**record, "log/seq": self.state.log_seq, "log/time": time.time()}
+        self.jsonl.log(stream, record)
+        self.wandb.log(stream, record)
+
+    def alert(self, edit_index: int, kind: str, message: str) -> None:
+        log.warning("alert at edit %d: %s: %s", edit_index, kind, message)
+        self.log("alerts", {"edit/index": edit_index, "alert/kind": kind, "alert/message": message})
+
+    def close(self, ok: bool) -> None:
+        self.jsonl.close()
+        self.wandb.close(exit_code=0 if ok else 1)
+
+
 def make_run_dir(cfg: RunConfig) -> Path:
     """runs/<run_id>; an existing directory is never overwritten: a suffix -r2, -r3... is added instead."""
     root = Path(cfg.runs_dir)
-    base = root / cfg.run_id
-    candidate, k = base, 1
+    candidate, k = root / cfg.run_id, 1
     while candidate.exists():
         k += 1
         candidate = root / f"{cfg.run_id}-r{k}"
@@ -99,8 +128,28 @@ def load_stream(cfg: RunConfig, loaded) -> tuple[list[EditRequest], dict[str, An
                              stop=cfg.data.stop, unique_subjects=cfg.data.unique_subjects)
     if len(ordered) < cfg.n_edits:
         raise RunError(f"n_edits={cfg.n_edits} but the data stream from {source} holds only {len(ordered)} requests")
-    info = {"source": source, "format": result.format, "available": len(ordered), "skipped": len(result.skipped)}
+    info = {"source": source, "format": result.format, "available": len(ordered),
+            "skipped": [dataclasses.asdict(s) for s in result.skipped]}
     return list(ordered[: cfg.n_edits]), info
+
+
+def is_spike(norms: list[float], factor: float, warmup: int) -> bool:
+    """The last update norm is >= factor x the median of the earlier ones (after `warmup` earlier updates)."""
+    if len(norms) <= warmup:
+        return False
+    med = statistics.median(norms[:-1])
+    return med > 0 and norms[-1] >= factor * med
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except ImportError:  # pragma: no cover - non-Unix
+        return float("nan")
 
 
 def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSummary:
@@ -109,14 +158,14 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
     torch.manual_seed(cfg.seed)
     cache_dir = default_cache_dir(cfg.cache_dir)
 
-    # -- run directory and resolved config --------------------------------------------------------------------
+    # -- run directory, resolved config, state ----------------------------------------------------------------
     run_dir = make_run_dir(cfg)
     atomic_write_text(run_dir / "config.yaml", f"# config_hash: {cfg.config_hash()}\n" + dump_yaml(cfg))
-    state = RunState(run_id=run_dir.name, config_hash=cfg.config_hash())
+    state = RunState(run_id=run_dir.name, config_hash=cfg.config_hash(), wandb_id=run_dir.name)
     state.save(run_dir)
     say(f"run dir: {run_dir}")
 
-    # -- model, data, editor ---------------------------------------------------------------------------------
+    # -- model, data, editor, probes ------------------------------------------------------------------------
     from seqedit.editors.base import EditorContext, make_editor
     from seqedit.model_io import load_model
 
@@ -130,17 +179,51 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
                         stats_text=stats_text)
     editor.prepare(model, tok, ctx)
     declared = editor.params(model)
-    say(f"model {loaded.name} ({loaded.arch.name}), editor {editor.name} on {declared}, {len(stream)} edits")
+    probes = [(spec.name, make_probe(spec.name, spec.options), parse_schedule(spec.schedule)) for spec in cfg.probes]
+    for name, probe, _ in probes:
+        if hasattr(probe, "check"):  # e.g. downstream data must be local before hours of editing start
+            probe.check(loaded)
+    say(f"model {loaded.name} ({loaded.arch.name}), editor {editor.name} on {declared}, {len(stream)} edits, "
+        f"probes {[p[0] for p in probes] or 'none'}")
 
-    sink = JsonlSink(run_dir / "telemetry")
+    sinks = Sinks(
+        JsonlSink(run_dir / "telemetry"),
+        WandbSink(run_id=state.wandb_id, run_dir=run_dir, mode=cfg.wandb.mode, project=cfg.wandb.project,
+                  entity=cfg.wandb.entity, group=cfg.wandb.group,
+                  tags=(*cfg.wandb.tags, editor.name, loaded.name, f"seed{cfg.seed}"),
+                  config={**cfg.to_dict(), "config_hash": cfg.config_hash()}, name=run_dir.name),
+        state,
+    )
     tracker = WeightTracker()
     tracker.remember(model, declared)
     score = dict(paraphrase=cfg.eval.paraphrase, neighborhood=cfg.eval.neighborhood, batch_size=cfg.eval.batch_size)
+    applied: list[EditRequest] = []
 
-    # -- pre-edit baseline of every request in the stream (what "unedited" scores look like) ----------------
+    def run_probes(edit_index: int, signals: set[str], previous: int | None, force: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        pctx = ProbeContext(model=model, tokenizer=tok, edit_index=edit_index, applied=tuple(applied),
+                            run_dir=run_dir, world=loaded.world, seed=cfg.seed, edited_params=tuple(declared),
+                            stream=tuple(stream))
+        for name, probe, schedule in probes:
+            if not (force or schedule.due(edit_index, signals, previous)):
+                continue
+            t0 = time.perf_counter()
+            result = probe(pctx)
+            seconds = time.perf_counter() - t0
+            state.probe_seconds[name] = state.probe_seconds.get(name, 0.0) + seconds
+            record = {"edit/index": edit_index, "probe/name": name, f"probe/{name}/seconds": seconds,
+                      "eval/protocol": "retention" if name == "retention" else "probe", **result.metrics}
+            sinks.log("probes", record)
+            for row in result.rows:
+                sinks.jsonl.log(f"items-{name}", {"edit/index": edit_index, **row})
+            out.update(result.metrics)
+        return out
+
+    # -- before the first edit: baseline of every request in the stream, and every probe once ------------------
     pre = evaluate_requests(model, tok, stream, **score)
-    baseline = {f"pre/{k}": mean_of(pre, k) for k in ("efficacy", "paraphrase", "neighborhood", "prob_new")}
-    sink.log("probes", {"edit/index": 0, "probe/name": "baseline", **baseline})
+    baseline = {f"pre/{k}": mean_of(pre, k) for k in SCORES}
+    sinks.log("probes", {"edit/index": 0, "probe/name": "baseline", "eval/protocol": "pre", **baseline})
+    run_probes(0, set(), None, force=True)
 
     # -- the loop ------------------------------------------------------------------------------------------------
     batches = [stream[i : i + cfg.batch_size] for i in range(0, len(stream), cfg.batch_size)]
@@ -148,69 +231,127 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
     state.status = "running"
     state.save(run_dir)
     bar = _progress_bar(len(stream))
+    last_beat = 0.0
+    ok = False
     try:
         for b in range(state.next_batch, len(batches)):
             batch = batches[b]
+            previous = state.edits_done
             t0 = time.perf_counter()
             proposal = editor.compute(model, tok, batch)
-            applied = apply_proposal(model, proposal, declared)
+            result = apply_proposal(model, proposal, declared)
             edit_seconds = time.perf_counter() - t0
+            applied.extend(batch)
             state.edits_done += len(batch)
             state.next_batch = b + 1
 
             record: dict[str, Any] = {
-                "edit/index": state.edits_done,  # edits applied so far, the x-axis of every curve
+                "edit/index": state.edits_done,  # edits applied so far: the x-axis of every curve
                 "edit/batch": b,
                 "edit/case_ids": [r.case_id for r in batch],
                 "edit/seconds": edit_seconds,
+                "system/peak_memory_mb": peak_memory_mb(),
             }
-            record.update({f"editor/{k}": v for k, v in applied.stats.items()})
-            wstats = tracker.stats(model, applied.deltas, applied.factors)
+            record.update({f"editor/{k}": v for k, v in result.stats.items()})
+            wstats = tracker.stats(model, result.deltas, result.factors)
             record.update(wstats)
+
+            # Disabling-edit early warning: one update far above the running median.
+            signals: set[str] = set()
+            state.update_norms.append(max((v for k, v in wstats.items() if k.endswith("/delta_fro")), default=0.0))
+            if is_spike(state.update_norms, cfg.telemetry.spike_factor, cfg.telemetry.spike_warmup):
+                signals.add("norm_spike")
+                record["edit/norm_spike"] = 1.0
+                sinks.alert(state.edits_done, "norm_spike",
+                            f"update norm {state.update_norms[-1]:.4g} >= {cfg.telemetry.spike_factor}x the running "
+                            f"median; case ids {record['edit/case_ids']}")
+
             if cfg.eval.immediate:
                 outcomes = evaluate_requests(model, tok, batch, **score)
                 immediate.extend(outcomes)
-                for key in ("efficacy", "paraphrase", "neighborhood", "prob_new"):
-                    record[f"immediate/{key}"] = mean_of(outcomes, key)
-            state.log_seq += 1
-            record["log/seq"] = state.log_seq
-            sink.log("edits", record)
-            bar.update(len(batch))
+                record.update({f"immediate/{k}": mean_of(outcomes, k) for k in SCORES})
+                record["eval/protocol"] = "immediate"
+            sinks.log("edits", record)
 
             bad = [k for k, v in wstats.items() if k.endswith("/nonfinite") and v > 0]
             if bad:
                 raise NonFiniteDeltaError(f"non-finite weights after edit {state.edits_done}: {bad}")
+
+            due = run_probes(state.edits_done, signals, previous)
+            bar.update(len(batch))
+            now = time.time()
+            if now - last_beat >= cfg.telemetry.heartbeat_seconds or b == len(batches) - 1:
+                last_beat = now
+                _heartbeat(run_dir, state, len(stream), t_start, due, say)
+            if (b + 1) % cfg.telemetry.state_every == 0:
+                state.save(run_dir)
         state.status = "finished"
+        ok = True
     except NonFiniteDeltaError as e:
         state.status, state.message = "failed", str(e)
-        sink.log("alerts", {"edit/index": state.edits_done, "alert/kind": "nonfinite", "alert/message": str(e)})
+        sinks.alert(state.edits_done, "nonfinite", str(e))
         raise RunError(f"{e} (run state saved in {run_dir})") from e
+    except KeyboardInterrupt as e:
+        state.status, state.message = "preempted", repr(e)
+        raise
     except BaseException as e:
-        state.status, state.message = ("preempted" if isinstance(e, KeyboardInterrupt) else "failed"), repr(e)
+        state.status, state.message = "failed", repr(e)
         raise
     finally:
         bar.close()
-        state.editor_state = {}  # editor state_dict goes into checkpoints (durability issue), not state.json
         state.save(run_dir)
-        sink.close()
+        _heartbeat(run_dir, state, len(stream), t_start, {}, None)
+        if not ok:
+            sinks.close(ok=False)
 
-    seconds = time.perf_counter() - t_start
-    metrics = {f"immediate/{k}": mean_of(immediate, k) for k in ("efficacy", "paraphrase", "neighborhood", "prob_new")}
-    # Final regime: every edit re-checked once after the last one.
+    # -- final regime: every edit re-checked once after the last one -----------------------------------------
     final = evaluate_requests(model, tok, stream, **score)
-    metrics.update({f"final/{k}": mean_of(final, k) for k in ("efficacy", "paraphrase", "neighborhood", "prob_new")})
+    for r, o in zip(stream, final):
+        sinks.jsonl.log("items-final", {"edit/index": state.edits_done, **o.as_dict()})
+    metrics: dict[str, float | None] = {f"immediate/{k}": mean_of(immediate, k) for k in SCORES}
+    metrics.update({f"final/{k}": mean_of(final, k) for k in SCORES})
     metrics.update(baseline)
-    metrics["edit/seconds_mean"] = _mean_edit_seconds(sink.path("edits"))
-    summary = RunSummary(run_dir, run_dir.name, state.status, state.edits_done, seconds, metrics)
-    atomic_write_json(run_dir / "summary.json", {**dataclasses.asdict(summary), "run_dir": str(run_dir)})
+    sinks.log("probes", {"edit/index": state.edits_done, "probe/name": "final", "eval/protocol": "final",
+                         **{k: v for k, v in metrics.items() if k.startswith("final/")}})
+    sinks.close(ok=True)
+    state.save(run_dir)
+    write_retention_matrix(run_dir)
+    rows = read_jsonl(run_dir / "telemetry" / "edits.jsonl")
+    metrics["edit/seconds_mean"] = sum(r["edit/seconds"] for r in rows) / len(rows) if rows else None
+    summary = RunSummary(run_dir, run_dir.name, state.status, state.edits_done, time.perf_counter() - t_start,
+                         metrics)
+    atomic_write_json(run_dir / "summary.json", {**dataclasses.asdict(summary), "run_dir": str(run_dir),
+                                                 "probe_seconds": state.probe_seconds})
     return summary
 
 
-def _mean_edit_seconds(path: Path) -> float | None:
-    from seqedit.io import read_jsonl
+def write_retention_matrix(run_dir: Path) -> Path | None:
+    """Edit x check matrix of retention efficacy (rows: edit position, columns: edit index of the check) as CSV."""
+    rows = read_jsonl(run_dir / "telemetry" / "items-retention.jsonl")
+    if not rows:
+        return None
+    import pandas as pd
 
-    rows = read_jsonl(path)
-    return sum(r["edit/seconds"] for r in rows) / len(rows) if rows else None
+    df = pd.DataFrame(rows)
+    matrix = df.pivot_table(index=["position", "case_id"], columns="edit/index", values="efficacy", aggfunc="last")
+    path = run_dir / "retention_matrix.csv"
+    atomic_write_text(path, matrix.to_csv())
+    return path
+
+
+def _heartbeat(run_dir: Path, state: RunState, total: int, t_start: float, latest: dict[str, Any],
+               say: Callable[[str], None] | None) -> None:
+    elapsed = time.perf_counter() - t_start
+    rate = state.edits_done / elapsed if elapsed > 0 else 0.0
+    eta = (total - state.edits_done) / rate if rate > 0 else None
+    beat = {"state": state.status, "edit": state.edits_done, "total": total, "rate_per_s": rate, "eta_s": eta,
+            "time": time.time(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            **{k: v for k, v in latest.items() if isinstance(v, (int, float))}}
+    atomic_write_json(run_dir / "heartbeat.json", beat)
+    if say is not None:
+        extra = " ".join(f"{k.split('/', 1)[-1]}={v:.3g}" for k, v in latest.items()
+                         if isinstance(v, float) and not k.endswith("seconds"))
+        say(f"edit={state.edits_done}/{total} rate={rate:.2f}/s eta={eta or 0:.0f}s {extra}".rstrip())
 
 
 def _progress_bar(total: int):

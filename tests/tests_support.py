@@ -42,7 +42,27 @@ def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
 def make_tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 32, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg).eval()
     model.requires_grad_(False)
     return model
+
+
+def counterfact_records(n: int = 12) -> list[dict]:
+    """Hand-made CounterFact-format records over the SENTENCES vocabulary."""
+    subjects = ["Varokel", "Tesselin", "Danora Keltiss", "Bramwick Oltey", "Selvane Irtu", "Kelmo Rastavin",
+                "Ivo Parnassek", "Quorath", "Teodric Vanhalt", "Lisara Moventi", "Mirandu", "Arvalia"]
+    objects = ["Mirandu", "Quorath", "hockey", "tennis", "Ovarish", "flute"]
+    recs = []
+    for i in range(n):
+        s = subjects[i % len(subjects)] + ("" if i < len(subjects) else f" {i}")
+        true, new = objects[i % len(objects)], objects[(i + 1) % len(objects)]
+        recs.append({
+            "case_id": i, "pararel_idx": i,
+            "requested_rewrite": {"prompt": "The capital of {} is", "relation_id": "R1", "subject": s,
+                                  "target_new": {"str": new, "id": "n"}, "target_true": {"str": true, "id": "t"}},
+            "paraphrase_prompts": [f"{s}'s capital is", f"The capital city of {s} is"],
+            "neighborhood_prompts": [f"The capital of {subjects[(i + 3) % len(subjects)]} is"],
+            "attribute_prompts": [], "generation_prompts": [f"{s} is"],
+        })
+    return recs
