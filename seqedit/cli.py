@@ -49,6 +49,14 @@ def cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push_wandb(args: argparse.Namespace) -> int:
+    from seqedit.wandb_sink import push_wandb
+
+    n = push_wandb(args.run_dir, mode=args.mode, project=args.project, entity=args.entity)
+    print(f"pushed {n} records from {args.run_dir}")
+    return 0
+
+
 def cmd_list_editors(args: argparse.Namespace) -> int:
     from seqedit.editors.base import list_editors
 
@@ -72,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--cache-dir", default=None)
     w.add_argument("--force", action="store_true", help="rebuild even if cached")
     w.set_defaults(func=cmd_world)
+
+    pw = sub.add_parser("push-wandb", help="replay a run's JSONL telemetry into wandb (offline clusters)")
+    pw.add_argument("run_dir")
+    pw.add_argument("--mode", default="online", choices=["online", "offline"])
+    pw.add_argument("--project", default=None)
+    pw.add_argument("--entity", default=None)
+    pw.set_defaults(func=cmd_push_wandb)
 
     e = sub.add_parser("list-editors", help="list registered editors")
     e.set_defaults(func=cmd_list_editors)

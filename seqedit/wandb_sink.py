@@ -147,3 +147,42 @@ def find_offline_run_file(run_dir: str | Path) -> Path | None:
 
 
 _ = zlib  # crc checks are skipped: a torn record fails protobuf parsing and is dropped
+
+
+def push_wandb(run_dir: str | Path, *, mode: str = "online", project: str | None = None,
+               entity: str | None = None) -> int:
+    """Replay a run's JSONL telemetry into wandb (for clusters whose compute nodes are offline).
+
+    Records go in their original order (`log/seq`), under the run's own wandb id, so a push from a login node
+    continues the same run. Returns the number of records sent.
+    """
+    import yaml
+
+    from seqedit.io import read_jsonl
+
+    run_dir = Path(run_dir)
+    state_path = run_dir / "state.json"
+    if not state_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a seqedit run directory (no state.json)")
+    state = json.loads(state_path.read_text())
+    cfg_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else "{}"
+    cfg = yaml.safe_load(cfg_text) or {}
+    wcfg = cfg.get("wandb", {})
+    records = []
+    for path in sorted((run_dir / "telemetry").glob("*.jsonl")):
+        stream = path.stem
+        if stream.startswith("items-"):
+            continue  # per-item rows stay local (too many for wandb history)
+        records.extend((r.get("log/seq", 0), stream, r) for r in read_jsonl(path))
+    records.sort(key=lambda t: t[0])
+    sink = WandbSink(run_id=state["wandb_id"], run_dir=run_dir, mode=mode, project=project or wcfg.get(
+        "project", "seqedit"), entity=entity or wcfg.get("entity"), group=wcfg.get("group"),
+        tags=tuple(wcfg.get("tags", ())), config=cfg, name=state["run_id"])
+    if sink.failed:
+        raise RuntimeError("wandb could not be initialised; see the warning above")
+    for _, stream, record in records:
+        sink.log(stream, record)
+    sink.close()
+    if sink.failed:
+        raise RuntimeError("wandb failed while pushing; the local JSONL is unchanged, retry later")
+    return len(records)

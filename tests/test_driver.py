@@ -202,3 +202,18 @@ def test_existing_run_dir_is_never_overwritten(assets, tmp_path):
 def test_bad_requests_are_reported(assets, tmp_path):
     with pytest.raises(RunError, match="holds only 12 requests"):
         run(config(assets, tmp_path, "n_edits=50", "editor.name=noop"))
+
+
+def test_push_wandb_replays_jsonl(assets, tmp_path, monkeypatch):
+    from seqedit.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    summary = run(config(assets, tmp_path, "editor.name=noop", "n_edits=3",
+                         "probes=[{name: retention, schedule: 'every:1'}]"))
+    assert not (summary.run_dir / "wandb").exists()  # wandb.mode=disabled during the run
+    assert main(["push-wandb", str(summary.run_dir), "--mode", "offline"]) == 0
+    history = read_offline_history(find_offline_run_file(summary.run_dir))
+    edits = read_jsonl(summary.run_dir / "telemetry" / "edits.jsonl")
+    probes = read_jsonl(summary.run_dir / "telemetry" / "probes.jsonl")
+    assert len(history) == len(edits) + len(probes)
+    assert [h["log/seq"] for h in history] == sorted(r["log/seq"] for r in edits + probes)
