@@ -64,6 +64,7 @@ class RunState:
     log_seq: int = 0  # sequence number of the last telemetry record (explicit wandb steps for offline replays)
     update_norms: list[float] = field(default_factory=list)  # per-call max ‖ΔW‖_F, for the spike detector
     probe_seconds: dict[str, float] = field(default_factory=dict)
+    loop_seconds: float = 0.0  # wall time of the edit loop (probes included), for overhead benchmarks
     message: str = ""
     started_at: float = field(default_factory=time.time)
 
@@ -152,6 +153,15 @@ def peak_memory_mb() -> float:
         return float("nan")
 
 
+def rss_mb() -> float:
+    """Current resident set size (Linux /proc; NaN elsewhere): the memory-growth signal of long runs."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSummary:
     say = progress or (lambda msg: None)
     t_start = time.perf_counter()
@@ -200,13 +210,14 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
     applied: list[EditRequest] = []
 
     def run_probes(edit_index: int, signals: set[str], previous: int | None, force: bool = False) -> dict[str, Any]:
+        due = [(n, p) for n, p, sched in probes if force or sched.due(edit_index, signals, previous)]
+        if not due:
+            return {}
         out: dict[str, Any] = {}
         pctx = ProbeContext(model=model, tokenizer=tok, edit_index=edit_index, applied=tuple(applied),
                             run_dir=run_dir, world=loaded.world, seed=cfg.seed, edited_params=tuple(declared),
                             stream=tuple(stream))
-        for name, probe, schedule in probes:
-            if not (force or schedule.due(edit_index, signals, previous)):
-                continue
+        for name, probe in due:
             t0 = time.perf_counter()
             result = probe(pctx)
             seconds = time.perf_counter() - t0
@@ -231,6 +242,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
     state.status = "running"
     state.save(run_dir)
     bar = _progress_bar(len(stream))
+    t_loop = time.perf_counter()
     last_beat = 0.0
     ok = False
     try:
@@ -250,6 +262,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
                 "edit/batch": b,
                 "edit/case_ids": [r.case_id for r in batch],
                 "edit/seconds": edit_seconds,
+                "system/rss_mb": rss_mb(),
                 "system/peak_memory_mb": peak_memory_mb(),
             }
             record.update({f"editor/{k}": v for k, v in result.stats.items()})
@@ -286,6 +299,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
             if (b + 1) % cfg.telemetry.state_every == 0:
                 state.save(run_dir)
         state.status = "finished"
+        state.loop_seconds = time.perf_counter() - t_loop
         ok = True
     except NonFiniteDeltaError as e:
         state.status, state.message = "failed", str(e)
