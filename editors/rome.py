@@ -1,0 +1,249 @@
+"""ROME (Meng et al. 2022, arXiv 2202.05262), as implemented in kmeng01/memit `rome/`, irregularity included.
+
+A rank-one update of `mlp_out(l)` per request and layer: u = C⁻¹k*/‖C⁻¹k*‖ from the key k* averaged over 21
+context templates, v* from `_rome_core.optimise_value` at the MLP output, and — unlike the paper's equation — the
+numerator and denominator from the *bare-prompt* key k_raw: ΔW = (v* − W k_raw − b) uᵀ / (k_rawᵀ u), so W′k_raw = v*.
+r-ROME (`r_rome.py`) and p-ROME (`p_rome.py`) change only which key goes where (`KEY_FOR_U`, `KEY_FOR_UPDATE`).
+Several requests in one call are computed one after another on the temporarily updated weights.
+Stats keys (floats, for one request; for several, the worst case: smallest |denominator|, largest norms/losses):
+rome/denominator, rome/u_norm (‖C⁻¹k*‖), rome/right_norm, rome/residual_norm (‖v* − Wk − b‖), rome/key_norm,
+rome/key_cos (cos(k*, k_raw)), rome/update_fro (‖ΔW‖_F), rome/update_rel (‖ΔW‖_F/‖W‖_F), rome/delta_norm (‖δ‖),
+rome/v_loss, rome/v_nll, rome/v_kl, rome/v_steps, rome/mom2_ridge, rome/n_requests, rome/seconds_keys, rome/seconds_v,
+rome/seconds_update.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from seqedit.archs import arch_for, get_module
+from seqedit.editors._rome_core import (
+    RankOneUpdate,
+    TemporaryWeights,
+    ValueOptConfig,
+    ValueResult,
+    check_templates,
+    context_templates,
+    contextualise,
+    optimise_value,
+    rank_one_update,
+    subject_keys,
+)
+from seqedit.editors._stats import CovSolver, SecondMoment, StatsSpec, layer_second_moment, make_solver
+from seqedit.editors.base import BaseEditor, EditorContext, register_editor
+from seqedit.types import EditProposal, EditRequest
+
+KEY_MODES = ("mean", "raw")  # mean: k* / k̄ over the context templates; raw: k_raw at the bare prompt
+
+
+@dataclass(frozen=True)
+class RomeConfig:
+    layers: tuple[int, ...] | None = None  # None = BaseEditor default (the layer below the middle)
+    # v* optimisation (reference gpt2-xl / gpt-j values; on the tiny world models a smaller v_weight_decay may help,
+    # see environment-notes: the decay is ‖δ‖/‖v0‖², large when ‖v0‖ is small)
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_loss_layer: int | None = None  # None = last layer (ROME always uses the model's logits)
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    v_early_stop_loss: float = 5e-2
+    # context templates: "{}" + n samples of each length (ROME: 10 of 5 and 10 of 10 tokens → 21 templates)
+    context_template_length_params: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
+    context_templates: tuple[str, ...] | None = None  # explicit templates (first must be "{}"); None = generate
+    # second moment C = E[kkᵀ]
+    mom2_adjustment: bool = True  # False: u = k/‖k‖ (EasyEdit's ROME default; a different algorithm)
+    mom2_n_samples: int = 100_000
+    mom2_sample_unit: str = "documents"  # documents | tokens
+    mom2_dtype: str = "float64"  # accumulation/storage; solves are always float64
+    mom2_ridge: float | None = None  # λ in C + λ·(tr C/d)·I; None = 0 unless C is singular, then 1e-2
+    mom2_batch_tokens: int = 8192
+    mom2_max_length: int | None = None  # tokens per document; None = model context size
+
+    def __post_init__(self) -> None:
+        if self.v_num_grad_steps < 1:
+            raise ValueError(f"v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
+        if self.v_lr <= 0:
+            raise ValueError(f"v_lr must be > 0, got {self.v_lr}")
+        for name in ("v_weight_decay", "clamp_norm_factor", "kl_factor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.context_templates is not None:
+            check_templates(self.context_templates)
+        StatsSpec(self.mom2_n_samples, self.mom2_sample_unit, self.mom2_dtype, self.mom2_batch_tokens,
+                  self.mom2_max_length)  # validates the statistics knobs
+        if self.mom2_ridge is not None and self.mom2_ridge < 0:
+            raise ValueError(f"mom2_ridge must be >= 0 or null, got {self.mom2_ridge}")
+
+    def value_config(self) -> ValueOptConfig:
+        return ValueOptConfig(self.v_num_grad_steps, self.v_lr, self.v_loss_layer, self.v_weight_decay,
+                              self.clamp_norm_factor, self.kl_factor, self.v_early_stop_loss)
+
+    def stats_spec(self) -> StatsSpec:
+        return StatsSpec(self.mom2_n_samples, self.mom2_sample_unit, self.mom2_dtype, self.mom2_batch_tokens,
+                         self.mom2_max_length)
+
+
+@dataclass(frozen=True)
+class RomeEdit:
+    """Everything computed for one request at one layer (tests and diagnostics read it)."""
+
+    layer: int
+    param: str
+    keys: torch.Tensor  # [n_templates, d_in] keys at the subject-last token, row 0 = bare prompt
+    key_for_u: torch.Tensor  # [d_in]
+    key_for_update: torch.Tensor  # [d_in]
+    value: ValueResult
+    update: RankOneUpdate
+    seconds: Mapping[str, float]
+
+
+@register_editor("rome")
+class RomeEditor(BaseEditor):
+    Config: ClassVar[type] = RomeConfig
+    KEY_FOR_U: ClassVar[str] = "mean"  # k* (template mean) gives the direction u
+    KEY_FOR_UPDATE: ClassVar[str] = "raw"  # k_raw (bare prompt) in numerator and denominator: the irregularity
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._templates: tuple[str, ...] | None = None
+        self._solvers: dict[int, CovSolver] = {}
+        self.moments: dict[int, SecondMoment] = {}  # layer → statistics used (count, cache path, build time)
+
+    # -- preparation ---------------------------------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, tokenizer: Any, ctx: EditorContext) -> None:
+        """Generate (or reload) the context templates and load (or build) C for every layer, on the unedited model."""
+        super().prepare(model, tokenizer, ctx)
+        self.templates(model, tokenizer)
+        if self.config.mom2_adjustment:
+            for layer in self.layers(model):
+                self.solver(model, tokenizer, layer)
+
+    def _ctx(self, model: nn.Module) -> EditorContext:
+        if self.ctx is None:
+            self.ctx = EditorContext.for_model(model)
+        return self.ctx
+
+    def templates(self, model: nn.Module, tokenizer: Any) -> tuple[str, ...]:
+        if self._templates is None:
+            if self.config.context_templates is not None:
+                self._templates = check_templates(self.config.context_templates)
+            else:
+                ctx = self._ctx(model)
+                self._templates = check_templates(context_templates(
+                    model, tokenizer, length_params=self.config.context_template_length_params, seed=ctx.seed,
+                    run_dir=ctx.run_dir))
+        return self._templates
+
+    def solver(self, model: nn.Module, tokenizer: Any, layer: int) -> CovSolver:
+        if layer not in self._solvers:
+            ctx = self._ctx(model)
+            progress = ctx.extras.get("stats_progress") if isinstance(ctx.extras, Mapping) else None
+            moment = layer_second_moment(
+                model, tokenizer, ctx.arch, layer, ctx.stats_text, spec=self.config.stats_spec(),
+                cache_dir=ctx.cache_dir, progress=progress if callable(progress) else None)
+            device = get_module(model, ctx.arch.mlp_out(layer)).weight.device
+            self._solvers[layer] = make_solver(moment.mom2, ridge=self.config.mom2_ridge, device=device)
+            self.moments[layer] = moment
+        return self._solvers[layer]
+
+    # -- one edit ------------------------------------------------------------------------------------------------
+
+    def _pick(self, mode: str, keys: torch.Tensor) -> torch.Tensor:
+        if mode == "mean":
+            return keys.float().mean(0)
+        if mode == "raw":
+            return keys[0].float()
+        raise ValueError(f"key mode {mode!r} is not allowed; allowed: {', '.join(KEY_MODES)}")
+
+    def edit_one(self, model: nn.Module, tokenizer: Any, request: EditRequest, layer: int) -> RomeEdit:
+        """Compute (not apply) the rank-one update of `mlp_out(layer)` for one request on the current weights."""
+        arch = self._ctx(model).arch
+        templates = self.templates(model, tokenizer)
+        module_name = arch.mlp_out(layer)
+        module = get_module(model, module_name)
+
+        t0 = time.perf_counter()
+        needs_templates = "mean" in (self.KEY_FOR_U, self.KEY_FOR_UPDATE)
+        key_templates = contextualise(templates if needs_templates else templates[:1], request.prompt)
+        keys = subject_keys(model, tokenizer, module_name, key_templates, [request.subject] * len(key_templates))
+        k_u = self._pick(self.KEY_FOR_U, keys)
+        k_upd = self._pick(self.KEY_FOR_UPDATE, keys)
+        t1 = time.perf_counter()
+
+        value = optimise_value(model, tokenizer, arch, request, arch.mlp(layer), templates, self.config.value_config())
+        t2 = time.perf_counter()
+
+        u_dir = self.solver(model, tokenizer, layer).solve(k_u) if self.config.mom2_adjustment else k_u
+        update = rank_one_update(module, u_dir, k_upd, value.target)
+        t3 = time.perf_counter()
+        seconds = {"keys": t1 - t0, "v": t2 - t1, "update": t3 - t2}
+        return RomeEdit(layer, f"{module_name}.weight", keys, k_u, k_upd, value, update, seconds)
+
+    # -- the contract --------------------------------------------------------------------------------------------
+
+    def compute(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]) -> EditProposal:
+        if not requests:
+            raise ValueError(f"{self.name}: no requests to edit")
+        if self.ctx is None:
+            self.ctx = EditorContext.for_model(model)
+        elif self.ctx.arch != arch_for(model):
+            raise ValueError(f"{self.name}: prepared for {self.ctx.arch.name}, called with another architecture")
+        edits = self.compute_edits(model, tokenizer, requests)
+        deltas: dict[str, torch.Tensor] = {}
+        lefts: dict[str, list[torch.Tensor]] = {}
+        rights: dict[str, list[torch.Tensor]] = {}
+        for e in edits:
+            deltas[e.param] = deltas[e.param] + e.update.delta if e.param in deltas else e.update.delta.clone()
+            lefts.setdefault(e.param, []).append(e.update.left)
+            rights.setdefault(e.param, []).append(e.update.right)
+        factors = {p: (torch.cat(lefts[p], 1), torch.cat(rights[p], 1)) for p in deltas}
+        return EditProposal(deltas=deltas, stats=self._stats(edits, len(requests)), factors=factors)
+
+    def compute_edits(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]) -> list[RomeEdit]:
+        """All per-(request, layer) edits, each computed on the weights after the previous ones; weights restored."""
+        edits: list[RomeEdit] = []
+        layers = sorted(self.layers(model))
+        self.templates(model, tokenizer)  # from the weights as the call found them
+        with TemporaryWeights(model) as tmp:
+            for request in requests:
+                for layer in layers:
+                    edit = self.edit_one(model, tokenizer, request, layer)
+                    tmp.add(edit.param, edit.update.delta)
+                    edits.append(edit)
+        return edits
+
+    def _stats(self, edits: list[RomeEdit], n_requests: int) -> dict[str, float]:
+        def worst(values: list[float]) -> float:
+            return max(values)
+
+        dens = [e.update.stats["denominator"] for e in edits]
+        out = {
+            "rome/denominator": min(dens, key=abs),
+            "rome/u_norm": worst([e.update.stats["u_norm"] for e in edits]),
+            "rome/right_norm": worst([e.update.stats["right_norm"] for e in edits]),
+            "rome/residual_norm": worst([e.update.stats["residual_norm"] for e in edits]),
+            "rome/key_norm": worst([e.update.stats["key_norm"] for e in edits]),
+            "rome/key_cos": min(float(torch.nn.functional.cosine_similarity(e.keys.float().mean(0), e.keys[0].float(),
+                                                                            dim=0)) for e in edits),
+            "rome/update_fro": worst([e.update.stats["update_fro"] for e in edits]),
+            "rome/update_rel": worst([e.update.stats["update_fro"] / max(e.update.stats["weight_fro"], 1e-30)
+                                      for e in edits]),
+            "rome/delta_norm": worst([float(e.value.delta.norm()) for e in edits]),
+            "rome/v_loss": worst([e.value.losses[-1] for e in edits]),
+            "rome/v_nll": worst([e.value.nll for e in edits]),
+            "rome/v_kl": worst([e.value.kl for e in edits]),
+            "rome/v_steps": float(sum(e.value.n_updates for e in edits)) / len(edits),
+            "rome/mom2_ridge": max((s.ridge for s in self._solvers.values()), default=0.0),
+            "rome/n_requests": float(n_requests),
+            "rome/seconds_keys": sum(e.seconds["keys"] for e in edits),
+            "rome/seconds_v": sum(e.seconds["v"] for e in edits),
+            "rome/seconds_update": sum(e.seconds["update"] for e in edits),
+        }
+        return {k: float(v) for k, v in out.items()}

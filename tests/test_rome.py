@@ -1,0 +1,303 @@
+"""ROME / r-ROME / p-ROME: key equations, orientation, the ROME-vs-r-ROME difference, the editor contract details."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from unittest import mock
+
+import pytest
+import torch
+
+from seqedit.archs import arch_for, get_module, is_conv1d, linear_weight
+from seqedit.editors import _rome_core as core
+from seqedit.editors.base import EditorContext, get_editor
+from seqedit.hooks import capture
+from seqedit.scoring import prompt_ids
+from seqedit.types import EditRequest
+
+from _rome_fixtures import make_model, make_tokenizer, requests, write_text
+
+FAST = dict(v_num_grad_steps=8, context_template_length_params=((4, 3),), mom2_n_samples=300,
+            v_weight_decay=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return write_text(tmp_path_factory.mktemp("rome_text"))
+
+
+def editor_for(name, model, tok, text, tmp_path, seed=0, **options):
+    cls = get_editor(name)
+    editor = cls(cls.Config(**{**FAST, **options}))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    ctx = EditorContext.for_model(model, seed=seed, run_dir=run_dir, cache_dir=tmp_path / "cache", stats_text=(text,))
+    editor.prepare(model, tok, ctx)
+    return editor
+
+
+def module_outputs_at_subject(model, tok, module_name, prompts, subject):
+    """Output of `module_name` at the subject-last token, one prompt per forward pass (no batching)."""
+    outs = []
+    for p in prompts:
+        idx = core.subject_last_index(tok, p, subject)
+        ids = torch.tensor([prompt_ids(tok, core.fill(p, subject)[0])])
+        with capture(model, [module_name], inputs=False) as cap:
+            model(input_ids=ids)
+        outs.append(cap.outputs[module_name][0, idx].double())
+    return torch.stack(outs)  # [n, d_out]
+
+
+def rel_err(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokens
+
+
+def test_subject_last_index_skips_bos_and_matches_slow_path(tok):
+    ids = prompt_ids(tok, "The capital of Kalomi Ranvel is")
+    assert ids[0] == tok.bos_token_id  # the fixture tokenizer prepends BOS
+    for template, subject in [("The capital of {} is", "Kalomi Ranvel"), ("{} plays the sport of", "Quabri Stolen"),
+                              ("x y. {}", "Tudor")]:
+        idx = core.subject_last_index(tok, template, subject)
+        text = core.fill(template, subject)[0]
+        ids = prompt_ids(tok, text)
+        # the subject's last token decodes to the end of the subject
+        assert subject.endswith(tok.decode(ids[idx]).strip())
+        assert len(prompt_ids(tok, text[: text.index(subject) + len(subject)])) - 1 == idx
+
+        class Slow:  # same tokenizer through the non-fast fallback
+            is_fast = False
+            all_special_ids = tok.all_special_ids
+
+            def __call__(self, *a, **k):
+                return tok(*a, **k)
+
+        assert core.subject_last_index(Slow(), template, subject) == idx
+
+
+def test_fill_rejects_templates_without_a_single_slot():
+    with pytest.raises(ValueError, match="exactly once"):
+        core.fill("no slot here", "X")
+    with pytest.raises(ValueError, match="empty subject"):
+        core.subject_last_index(make_tokenizer(), "{} is", "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# context templates
+
+
+def test_context_templates_seeded_persisted_and_reloaded(tok, tmp_path):
+    model = make_model("gpt2", len(tok))
+    params = ((4, 3), (6, 2))
+    a = core.context_templates(model, tok, length_params=params, seed=5, run_dir=tmp_path)
+    assert len(a) == 1 + 3 + 2 and a[0] == "{}"
+    assert all(t.endswith(". {}") and t.count("{}") == 1 for t in a[1:])
+    stored = json.loads((tmp_path / core.DEFAULT_TEMPLATE_FILE).read_text())
+    assert list(stored.values()) == [list(a)]
+    # reloaded, not regenerated
+    with mock.patch.object(core, "generate_context_templates", side_effect=AssertionError("regenerated")):
+        assert core.context_templates(model, tok, length_params=params, seed=5, run_dir=tmp_path) == a
+    # same seed reproduces without the file; another seed differs
+    assert core.context_templates(model, tok, length_params=params, seed=5, run_dir=None) == a
+    assert core.context_templates(model, tok, length_params=params, seed=6, run_dir=None) != a
+    assert core._clean("a {b}\n c") == "a b c"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# key equations and orientation
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["rome", "r-rome", "p-rome"])
+def test_edited_matrix_maps_the_update_key_to_v_star(kind, name, tok, text, tmp_path):
+    model = make_model(kind, len(tok))
+    editor = editor_for(name, model, tok, text, tmp_path, layers=(1,))
+    arch = arch_for(model)
+    request = requests()[0]
+    (edit,) = editor.compute_edits(model, tok, [request])
+    module = get_module(model, arch.mlp_out(1))
+    assert edit.param == f"{arch.mlp_out(1)}.weight"
+    assert edit.update.delta.shape == module.weight.shape
+    assert is_conv1d(module) == (kind == "gpt2")
+    torch.testing.assert_close(edit.update.left @ edit.update.right.T, edit.update.delta)
+
+    templates = editor.templates(model, tok)
+    prompts = core.contextualise(templates, request.prompt)
+    with torch.no_grad():
+        module.weight.add_(edit.update.delta)
+    if name == "r-rome":  # W′k̄ + b = v*: the mean of the per-template outputs (linear in k)
+        out = module_outputs_at_subject(model, tok, arch.mlp_out(1), prompts, request.subject).mean(0)
+    else:  # W′k_raw + b = v* at the bare prompt
+        out = module_outputs_at_subject(model, tok, arch.mlp_out(1), prompts[:1], request.subject)[0]
+    assert rel_err(out, edit.value.target) <= 1e-4
+    # the MLP output at the bare prompt is the value site: for ROME it now equals v* too
+    if name != "r-rome":
+        mlp_out = module_outputs_at_subject(model, tok, arch.mlp(1), prompts[:1], request.subject)[0]
+        assert rel_err(mlp_out, edit.value.target) <= 1e-4
+
+
+def test_rome_and_r_rome_differ_only_in_the_update_key(tok, text, tmp_path):
+    model = make_model("gpt2", len(tok))
+    request = requests()[0]
+    (rome,) = editor_for("rome", model, tok, text, tmp_path).compute_edits(model, tok, [request])
+    (rr,) = editor_for("r-rome", model, tok, text, tmp_path).compute_edits(model, tok, [request])
+    # same direction u (from the template mean k*), same v*
+    torch.testing.assert_close(rome.update.u, rr.update.u, rtol=1e-6, atol=1e-9)
+    assert torch.equal(rome.value.target, rr.value.target)
+    torch.testing.assert_close(rome.key_for_u, rr.key_for_u)
+    # ... but ROME divides by the bare-prompt key, r-ROME by the template mean
+    torch.testing.assert_close(rome.key_for_update, rome.keys[0].float())
+    torch.testing.assert_close(rr.key_for_update, rr.keys.float().mean(0))
+    assert not torch.allclose(rome.key_for_update, rr.key_for_update)
+    assert not torch.allclose(rome.update.delta, rr.update.delta)
+    den_rome = float(rome.key_for_update.double() @ rome.update.u)
+    assert rome.update.stats["denominator"] == pytest.approx(den_rome, rel=1e-6)
+
+
+def test_all_variants_agree_without_context_prefixes(tok, text, tmp_path):
+    model = make_model("gpt2", len(tok))
+    request = requests()[1]
+    deltas = {}
+    for name in ("rome", "r-rome", "p-rome"):
+        editor = editor_for(name, model, tok, text, tmp_path, context_templates=("{}",))
+        deltas[name] = editor.compute(model, tok, [request]).deltas
+    (param,) = deltas["rome"]
+    assert torch.equal(deltas["rome"][param], deltas["r-rome"][param])
+    assert torch.equal(deltas["rome"][param], deltas["p-rome"][param])
+
+
+def test_without_mom2_adjustment_u_is_the_normalised_key(tok, text, tmp_path):
+    model = make_model("llama", len(tok))
+    editor = editor_for("rome", model, tok, text, tmp_path, mom2_adjustment=False)
+    (edit,) = editor.compute_edits(model, tok, requests()[:1])
+    k = edit.keys.double().mean(0)
+    torch.testing.assert_close(edit.update.u, k / k.norm())
+    assert editor.moments == {}  # no statistics were needed
+
+
+def test_mom2_adjustment_uses_the_inverse_second_moment(tok, text, tmp_path):
+    model = make_model("gpt2", len(tok))
+    editor = editor_for("rome", model, tok, text, tmp_path, layers=(0,))
+    (edit,) = editor.compute_edits(model, tok, requests()[:1])
+    c = editor.moments[0].mom2.double()
+    # C u ∝ k*
+    cu = c @ edit.update.u
+    k = edit.key_for_u.double()
+    assert float(torch.nn.functional.cosine_similarity(cu, k, dim=0)) > 1 - 1e-8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# contract details
+
+
+def test_compute_restores_weights_flags_and_mode_and_is_deterministic(tok, text, tmp_path):
+    model = make_model("gpt2", len(tok))
+    model.train()
+    model.transformer.h[0].mlp.c_fc.weight.requires_grad_(True)
+    model.transformer.h[1].mlp.c_fc.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    editor = editor_for("rome", model, tok, text, tmp_path, seed=3)
+    prop = editor.compute(model, tok, requests())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+        assert p.requires_grad == flags[n], n
+    assert model.training
+    assert set(prop.deltas) == set(editor.params(model))
+    for n, (left, right) in prop.factors.items():
+        assert left.shape[1] == right.shape[1] == 2  # one rank-one term per request
+        torch.testing.assert_close(left @ right.T, prop.deltas[n], rtol=1e-5, atol=1e-7)
+    # a fresh editor with the same seed but no saved templates reproduces the deltas bit for bit
+    other = get_editor("rome")(get_editor("rome").Config(**FAST))
+    other.prepare(model, tok, EditorContext.for_model(model, seed=3, cache_dir=tmp_path / "cache", stats_text=(text,)))
+    again = other.compute(model, tok, requests())
+    for n in prop.deltas:
+        assert torch.equal(again.deltas[n], prop.deltas[n])
+
+
+def test_several_requests_are_applied_one_after_another(tok, text, tmp_path):
+    model = make_model("llama", len(tok))
+    editor = editor_for("r-rome", model, tok, text, tmp_path, layers=(1,))
+    arch = arch_for(model)
+    r1, r2 = requests()
+    e1, e2 = editor.compute_edits(model, tok, [r1, r2])
+    prop = editor.compute(model, tok, [r1, r2])
+    (param,) = prop.deltas
+    torch.testing.assert_close(prop.deltas[param], e1.update.delta + e2.update.delta)
+    # the second edit was computed on W + Δ1: with both applied, request 2's key equation holds exactly
+    (alone,) = editor.compute_edits(model, tok, [r2])
+    assert not torch.allclose(alone.update.delta, e2.update.delta)
+    with torch.no_grad():
+        model.get_parameter(param).add_(prop.deltas[param])
+    prompts = core.contextualise(editor.templates(model, tok), r2.prompt)
+    out = module_outputs_at_subject(model, tok, arch.mlp_out(1), prompts, r2.subject).mean(0)
+    assert rel_err(out, e2.value.target) <= 1e-4
+
+
+def test_stats_are_the_documented_floats(tok, text, tmp_path):
+    model = make_model("gpt2", len(tok))
+    editor = editor_for("rome", model, tok, text, tmp_path)
+    prop = editor.compute(model, tok, requests()[:1])
+    (edit,) = editor.compute_edits(model, tok, requests()[:1])
+    expected = {"rome/denominator", "rome/u_norm", "rome/right_norm", "rome/residual_norm", "rome/key_norm",
+                "rome/key_cos", "rome/update_fro", "rome/update_rel", "rome/delta_norm", "rome/v_loss", "rome/v_nll",
+                "rome/v_kl", "rome/v_steps", "rome/mom2_ridge", "rome/n_requests", "rome/seconds_keys",
+                "rome/seconds_v", "rome/seconds_update"}
+    assert set(prop.stats) == expected
+    assert all(isinstance(v, float) for v in prop.stats.values())
+    assert prop.stats["rome/denominator"] == pytest.approx(edit.update.stats["denominator"], rel=1e-6)
+    (delta,) = prop.deltas.values()
+    assert prop.stats["rome/update_fro"] == pytest.approx(float(delta.double().norm()), rel=1e-5)
+    assert prop.stats["rome/right_norm"] == pytest.approx(float(edit.update.right_vector.norm()), rel=1e-6)
+    assert prop.stats["rome/v_loss"] == pytest.approx(edit.value.losses[-1], rel=1e-6)
+    assert 0 <= prop.stats["rome/v_steps"] <= FAST["v_num_grad_steps"] - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# v* optimisation
+
+
+def test_value_optimisation_lowers_the_target_nll_and_respects_the_clamp(tok):
+    model = make_model("gpt2", len(tok))
+    arch = arch_for(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # a random model is nearly flat: small steps without decay still lower the loss monotonically
+    cfg = core.ValueOptConfig(num_grad_steps=6, lr=0.05, weight_decay=0.0, clamp_norm_factor=100.0)
+    templates = ("{}", "Ka lo. {}")
+    res = core.optimise_value(model, tok, arch, requests()[0], arch.mlp(1), templates, cfg)
+    assert all(b < a for a, b in zip(res.losses, res.losses[1:]))
+    assert res.n_updates == len(res.losses) - 1 == 5
+    torch.testing.assert_close(res.target, res.init + res.delta)
+    clamped = core.optimise_value(model, tok, arch, requests()[0], arch.mlp(1), templates,
+                                  dataclasses.replace(cfg, lr=0.5, clamp_norm_factor=0.5))
+    assert float(clamped.delta.norm()) <= 0.5 * float(clamped.init.norm()) * (1 + 1e-5)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+        assert p.grad is None
+    # v0 is the MLP output at the bare prompt's subject-last token
+    v0 = module_outputs_at_subject(model, tok, arch.mlp(1), ["The capital of {} is"], "Kalomi Ranvel")[0]
+    assert rel_err(v0, res.init) < 1e-5
+    # early stop: a loss threshold above the first loss ends after one evaluation
+    quick = core.optimise_value(model, tok, arch, requests()[0], arch.mlp(1), templates,
+                                dataclasses.replace(cfg, early_stop_loss=1e9))
+    assert quick.n_updates == 0 and len(quick.losses) == 1
+
+
+def test_templates_must_start_with_the_bare_prompt():
+    with pytest.raises(ValueError, match="bare template"):
+        get_editor("rome").Config(context_templates=("x. {}",))
+
+
+def test_request_prompt_with_subject_at_the_end(tok, text, tmp_path):
+    model = make_model("gpt2", len(tok))
+    req = EditRequest("r3", "Everyone knows {}", "Kalomi Ranvel", "Zorpha")
+    prop = editor_for("r-rome", model, tok, text, tmp_path).compute(model, tok, [req])
+    assert all(torch.isfinite(d).all() for d in prop.deltas.values())
