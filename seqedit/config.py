@@ -73,6 +73,7 @@ class TelemetryConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     immediate: bool = True  # score each batch right after it is applied
+    final: bool = True  # score every edit once after the last one
     paraphrase: bool = True
     neighborhood: bool = True
     batch_size: int = 64  # prompts per forward pass in scoring

@@ -319,14 +319,15 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
             sinks.close(ok=False)
 
     # -- final regime: every edit re-checked once after the last one -----------------------------------------
-    final = evaluate_requests(model, tok, stream, **score)
-    for r, o in zip(stream, final):
-        sinks.jsonl.log("items-final", {"edit/index": state.edits_done, **o.as_dict()})
     metrics: dict[str, float | None] = {f"immediate/{k}": mean_of(immediate, k) for k in SCORES}
-    metrics.update({f"final/{k}": mean_of(final, k) for k in SCORES})
+    if cfg.eval.final:
+        final = evaluate_requests(model, tok, stream, **score)
+        for o in final:
+            sinks.jsonl.log("items-final", {"edit/index": state.edits_done, **o.as_dict()})
+        metrics.update({f"final/{k}": mean_of(final, k) for k in SCORES})
+        sinks.log("probes", {"edit/index": state.edits_done, "probe/name": "final", "eval/protocol": "final",
+                             **{k: v for k, v in metrics.items() if k.startswith("final/")}})
     metrics.update(baseline)
-    sinks.log("probes", {"edit/index": state.edits_done, "probe/name": "final", "eval/protocol": "final",
-                         **{k: v for k, v in metrics.items() if k.startswith("final/")}})
     sinks.close(ok=True)
     state.save(run_dir)
     write_retention_matrix(run_dir)
