@@ -245,21 +245,21 @@ def _batches(
         yield batch
 
 
-def _tokenised(tokenizer: Any, documents: Iterator[str], max_length: int, chunk: int = 256) -> Iterator[list[int]]:
-    buf: list[str] = []
-    for doc in documents:
-        buf.append(doc)
-        if len(buf) == chunk:
-            yield from _encode(tokenizer, buf, max_length)
-            buf = []
-    if buf:
-        yield from _encode(tokenizer, buf, max_length)
-
-
-def _encode(tokenizer: Any, docs: list[str], max_length: int) -> Iterator[list[int]]:
-    for ids in tokenizer(docs)["input_ids"]:
-        if ids:
-            yield list(ids[:max_length])  # truncation by hand: tokenizers differ in how they truncate with specials
+def _tokenised(
+    tokenizer: Any, documents: Iterator[str], max_length: int, limit: int | None, chunk: int = 1024
+) -> Iterator[list[list[int]]]:
+    """Chunks of tokenised documents (at most `limit` documents in all), each chunk sorted by length so that
+    batches carry little padding. Which documents are used depends only on their order, never on the sorting."""
+    taken = 0
+    while limit is None or taken < limit:
+        want = chunk if limit is None else min(chunk, limit - taken)
+        docs = [d for _, d in zip(range(want), documents)]
+        if not docs:
+            return
+        taken += len(docs)
+        encoded = [list(ids[:max_length]) for ids in tokenizer(docs)["input_ids"] if ids]
+        # by hand: tokenizers differ in how they truncate with special tokens
+        yield sorted(encoded, key=len)
 
 
 @torch.no_grad()
@@ -284,9 +284,9 @@ def compute_second_moment(
     was_training = model.training
     model.eval()
     try:
-        for batch in _batches(_tokenised(tokenizer, iter(documents), max_length), spec.batch_tokens):
-            if spec.unit == "documents":
-                batch = batch[: target - n_docs]
+        limit = target if spec.unit == "documents" else None
+        chunks = _tokenised(tokenizer, iter(documents), max_length, limit)
+        for batch in (b for chunk in chunks for b in _batches(chunk, spec.batch_tokens)):
             width = max(len(r) for r in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
