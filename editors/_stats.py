@@ -263,20 +263,25 @@ def _tokenised(
 
 
 @torch.no_grad()
-def compute_second_moment(
+def compute_second_moments(
     model: nn.Module,
     tokenizer: Any,
-    module_name: str,
+    module_names: Sequence[str],
     documents: Iterable[str],
     spec: StatsSpec,
     progress: Progress | None = None,
-) -> tuple[torch.Tensor, int, int]:
-    """Σ k kᵀ / count over the first `spec.n_samples` documents or tokens; returns (C [d, d] on CPU, count, docs)."""
-    module = get_module(model, module_name)
-    d = in_features(module)
-    device = module.weight.device
+) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Σ k kᵀ / count at the input of every named module over the first `spec.n_samples` documents or tokens, in
+    one forward pass per batch that stops once all modules have their input. Returns ({name: C [d, d] on CPU},
+    token count, document count)."""
+    names = list(dict.fromkeys(module_names))
+    if not names:
+        raise ValueError("no modules to collect statistics for")
+    modules = {n: get_module(model, n) for n in names}
     acc_dtype = DTYPES[spec.dtype]
-    acc = torch.zeros(d, d, dtype=acc_dtype, device=device)  # Σ k kᵀ
+    acc = {n: torch.zeros(in_features(m), in_features(m), dtype=acc_dtype, device=m.weight.device)
+           for n, m in modules.items()}  # Σ k kᵀ per module
+    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     max_length = spec.max_length or _context_size(model)
     count = n_docs = 0
@@ -294,14 +299,14 @@ def compute_second_moment(
                 ids[i, : len(row)] = torch.tensor(row)
                 mask[i, : len(row)] = 1
             ids, mask = ids.to(device), mask.to(device)
-            with capture_inputs(model, [module_name], stop=True) as cap:
+            with capture_inputs(model, names, stop=True) as cap:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
-            keys = cap.inputs[module_name][mask.bool()]  # [n_tokens, d], padding excluded
-            if spec.unit == "tokens":
-                keys = keys[: target - count]
-            keys = keys.to(acc_dtype)
-            acc.addmm_(keys.T, keys)
-            count += keys.shape[0]
+            n_new = int(mask.sum()) if spec.unit == "documents" else min(int(mask.sum()), target - count)
+            for name in names:
+                x = cap.inputs[name]
+                keys = x[mask.to(x.device).bool()][:n_new].to(acc_dtype)  # [n_tokens, d], padding excluded
+                acc[name].addmm_(keys.T, keys)
+            count += n_new
             n_docs += len(batch)
             done = n_docs if spec.unit == "documents" else count
             if progress is not None:
@@ -312,7 +317,20 @@ def compute_second_moment(
         model.train(was_training)
     if count == 0:
         raise StatsError("the statistics text holds no tokens")
-    return (acc / count).cpu(), count, n_docs
+    return {n: (a / count).cpu() for n, a in acc.items()}, count, n_docs
+
+
+def compute_second_moment(
+    model: nn.Module,
+    tokenizer: Any,
+    module_name: str,
+    documents: Iterable[str],
+    spec: StatsSpec,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, int, int]:
+    """One module's (C [d, d] on CPU, token count, document count); see `compute_second_moments`."""
+    moments, count, n_docs = compute_second_moments(model, tokenizer, [module_name], documents, spec, progress)
+    return moments[module_name], count, n_docs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,6 +400,55 @@ def _save(path: Path, mom2: torch.Tensor, key: dict[str, str], count: int, n_doc
     os.replace(tmp, path)  # atomic: a reader never sees a half-written file
 
 
+def layer_second_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    arch: ArchSpec,
+    layers: Sequence[int],
+    sources: Sequence[Source],
+    *,
+    spec: StatsSpec = StatsSpec(),
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> dict[int, SecondMoment]:
+    """C = E[k kᵀ] at the input of `arch.mlp_out(l)` for each layer: valid cache entries are loaded, the missing
+    ones are computed together in one pass over the text (stopping after the highest layer) and saved."""
+    layers = sorted(set(layers))
+    sources = list(sources)
+    ids = source_ids(sources)
+    max_length = spec.max_length or _context_size(model)
+    out: dict[int, SecondMoment] = {}
+    todo: dict[int, tuple[dict[str, str], Path | None, int]] = {}
+    for layer in layers:
+        module_name = arch.mlp_out(layer)
+        d = in_features(get_module(model, module_name))
+        key = _cache_key(model_fingerprint(model, arch, layer), module_name, layer, ids, spec, max_length)
+        path = cache_path(cache_dir, key) if cache_dir is not None else None
+        cached = _load_cached(path, key, d) if path is not None and path.exists() else None
+        if cached is not None:
+            mom2, count, n_docs = cached
+            out[layer] = SecondMoment(mom2, count, n_docs, layer, module_name, path, True, 0.0)
+        else:
+            todo[layer] = (key, path, d)
+    if todo:
+        names = {layer: arch.mlp_out(layer) for layer in todo}
+        t0 = time.perf_counter()
+        moments, count, n_docs = compute_second_moments(
+            model, tokenizer, list(names.values()), iter_documents(sources), spec, progress)
+        seconds = time.perf_counter() - t0
+        for layer, (key, path, d) in todo.items():
+            if count < d:
+                raise StatsError(
+                    f"second moment of {names[layer]} from {count} tokens is singular: it needs at least {d} tokens "
+                    f"(the key dimension), preferably many times more; add text to {[str(s) for s in sources]} or "
+                    f"raise mom2_n_samples (now {spec.n_samples} {spec.unit})"
+                )
+            if path is not None:
+                _save(path, moments[names[layer]], key, count, n_docs)
+            out[layer] = SecondMoment(moments[names[layer]], count, n_docs, layer, names[layer], path, False, seconds)
+    return {layer: out[layer] for layer in layers}
+
+
 def layer_second_moment(
     model: nn.Module,
     tokenizer: Any,
@@ -394,30 +461,8 @@ def layer_second_moment(
     progress: Progress | None = None,
 ) -> SecondMoment:
     """C = E[k kᵀ] at the input of `arch.mlp_out(layer)`, from the cache when a valid entry exists."""
-    module_name = arch.mlp_out(layer)
-    d = in_features(get_module(model, module_name))
-    sources = list(sources)
-    ids = source_ids(sources)
-    max_length = spec.max_length or _context_size(model)
-    key = _cache_key(model_fingerprint(model, arch, layer), module_name, layer, ids, spec, max_length)
-    path = cache_path(cache_dir, key) if cache_dir is not None else None
-    if path is not None and path.exists():
-        cached = _load_cached(path, key, d)
-        if cached is not None:
-            mom2, count, n_docs = cached
-            return SecondMoment(mom2, count, n_docs, layer, module_name, path, True, 0.0)
-    t0 = time.perf_counter()
-    mom2, count, n_docs = compute_second_moment(model, tokenizer, module_name, iter_documents(sources), spec, progress)
-    seconds = time.perf_counter() - t0
-    if count < d:
-        raise StatsError(
-            f"second moment of {module_name} from {count} tokens is singular: it needs at least {d} tokens (the key "
-            f"dimension), preferably many times more; add text to {[str(s) for s in sources]} or raise "
-            f"mom2_n_samples (now {spec.n_samples} {spec.unit})"
-        )
-    if path is not None:
-        _save(path, mom2, key, count, n_docs)
-    return SecondMoment(mom2, count, n_docs, layer, module_name, path, False, seconds)
+    return layer_second_moments(model, tokenizer, arch, [layer], sources, spec=spec, cache_dir=cache_dir,
+                                progress=progress)[layer]
 
 
 # ---------------------------------------------------------------------------------------------------------------

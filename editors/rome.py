@@ -34,7 +34,7 @@ from seqedit.editors._rome_core import (
     rank_one_update,
     subject_keys,
 )
-from seqedit.editors._stats import CovSolver, SecondMoment, StatsSpec, layer_second_moment, make_solver
+from seqedit.editors._stats import CovSolver, SecondMoment, StatsSpec, layer_second_moments, make_solver
 from seqedit.editors.base import BaseEditor, EditorContext, register_editor
 from seqedit.types import EditProposal, EditRequest
 
@@ -122,8 +122,7 @@ class RomeEditor(BaseEditor):
         super().prepare(model, tokenizer, ctx)
         self.templates(model, tokenizer)
         if self.config.mom2_adjustment:
-            for layer in self.layers(model):
-                self.solver(model, tokenizer, layer)
+            self.load_statistics(model, tokenizer, self.layers(model))
 
     def _ctx(self, model: nn.Module) -> EditorContext:
         if self.ctx is None:
@@ -141,16 +140,25 @@ class RomeEditor(BaseEditor):
                     run_dir=ctx.run_dir))
         return self._templates
 
-    def solver(self, model: nn.Module, tokenizer: Any, layer: int) -> CovSolver:
-        if layer not in self._solvers:
-            ctx = self._ctx(model)
-            progress = ctx.extras.get("stats_progress") if isinstance(ctx.extras, Mapping) else None
-            moment = layer_second_moment(
-                model, tokenizer, ctx.arch, layer, ctx.stats_text, spec=self.config.stats_spec(),
-                cache_dir=ctx.cache_dir, progress=progress if callable(progress) else None)
+    def load_statistics(self, model: nn.Module, tokenizer: Any, layers: Sequence[int]) -> None:
+        """Load or build C for the layers that have no solver yet (missing ones in one pass over the text).
+
+        A callable in `ctx.extras["stats_progress"]` receives (done, total) while statistics are built."""
+        missing = [layer for layer in layers if layer not in self._solvers]
+        if not missing:
+            return
+        ctx = self._ctx(model)
+        progress = ctx.extras.get("stats_progress") if isinstance(ctx.extras, Mapping) else None
+        moments = layer_second_moments(
+            model, tokenizer, ctx.arch, missing, ctx.stats_text, spec=self.config.stats_spec(),
+            cache_dir=ctx.cache_dir, progress=progress if callable(progress) else None)
+        for layer, moment in moments.items():
             device = get_module(model, ctx.arch.mlp_out(layer)).weight.device
             self._solvers[layer] = make_solver(moment.mom2, ridge=self.config.mom2_ridge, device=device)
             self.moments[layer] = moment
+
+    def solver(self, model: nn.Module, tokenizer: Any, layer: int) -> CovSolver:
+        self.load_statistics(model, tokenizer, [layer])
         return self._solvers[layer]
 
     # -- one edit ------------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_cache_is_reused_without_recomputing(tok, gpt2, text, tmp_path):
     spec = st.StatsSpec(n_samples=80)
     first = st.layer_second_moment(gpt2, tok, arch, 1, [text], spec=spec, cache_dir=tmp_path)
     assert first.path is not None and first.path.exists() and first.seconds > 0
-    with mock.patch.object(st, "compute_second_moment", side_effect=AssertionError("recomputed")):
+    with mock.patch.object(st, "compute_second_moments", side_effect=AssertionError("recomputed")):
         second = st.layer_second_moment(gpt2, tok, arch, 1, [text], spec=spec, cache_dir=tmp_path)
     assert second.from_cache and second.count == first.count
     assert torch.equal(second.mom2, first.mom2)
@@ -128,13 +128,13 @@ def test_damaged_cache_is_detected_and_recomputed(damage, tok, gpt2, text, tmp_p
             meta["n_samples"] = "12345"
         save_file({"mom2": mom2}, str(path), metadata=meta)
     calls = []
-    real = st.compute_second_moment
+    real = st.compute_second_moments
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    with mock.patch.object(st, "compute_second_moment", side_effect=counting):
+    with mock.patch.object(st, "compute_second_moments", side_effect=counting):
         fixed = st.layer_second_moment(gpt2, tok, arch, 1, [text], spec=spec, cache_dir=tmp_path)
     assert calls == [1] and not fixed.from_cache
     torch.testing.assert_close(fixed.mom2, good.mom2)
@@ -213,3 +213,25 @@ def test_solver_ridge_auto_explicit_and_exact_solves():
     assert st.make_solver(singular, ridge=None).ridge == st.AUTO_RIDGE
     with pytest.raises(st.StatsError, match="singular"):
         st.make_solver(singular, ridge=0.0)
+
+
+def test_several_layers_in_one_pass_equal_single_layers_and_reuse_the_cache(tok, gpt2, text, tmp_path):
+    arch = arch_for(gpt2)
+    spec = st.StatsSpec(n_samples=60)
+    one = st.layer_second_moment(gpt2, tok, arch, 0, [text], spec=spec, cache_dir=tmp_path)
+    calls = []
+    real = st.compute_second_moments
+
+    def counting(model, tokenizer, names, *a, **k):
+        calls.append(list(names))
+        return real(model, tokenizer, names, *a, **k)
+
+    with mock.patch.object(st, "compute_second_moments", side_effect=counting):
+        both = st.layer_second_moments(gpt2, tok, arch, [2, 0, 1], [text], spec=spec, cache_dir=tmp_path)
+    assert calls == [[arch.mlp_out(1), arch.mlp_out(2)]]  # layer 0 came from the cache; 1 and 2 in one pass
+    assert list(both) == [0, 1, 2] and both[0].from_cache and not both[2].from_cache
+    torch.testing.assert_close(both[0].mom2, one.mom2)
+    for layer in (1, 2):
+        alone = st.layer_second_moment(gpt2, tok, arch, layer, [text], spec=spec, cache_dir=None)
+        torch.testing.assert_close(both[layer].mom2, alone.mom2)
+        assert both[layer].count == alone.count
