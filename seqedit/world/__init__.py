@@ -1,1 +1,25 @@
-"""The embedded synthetic world (generator, tokenizer, tiny GPT-2), built on first use and cached."""
+"""The embedded synthetic world (generator, tokenizer, tiny GPT-2), built on first use and cached.
+
+`load_world("small")` returns a `World` (model in eval mode, tokenizer, report, paths of the CounterFact records,
+downstream JSONL tasks and held-out text). Nothing is downloaded: the world is generated from a seed and a GPT-2 is
+trained on it once, into `$SEQEDIT_CACHE` (default `~/.cache/seqedit`) `/worlds/<preset>-<config hash>/`.
+Importing this package is cheap; torch and transformers load when a world is built or loaded.
+"""
+from __future__ import annotations
+
+from seqedit.world.build import (
+    World,
+    build_world,
+    default_cache_dir,
+    load_world,
+    resolve_config,
+    verify_world,
+    world_dir,
+    world_info,
+)
+from seqedit.world.config import PRESETS, WORLD_FORMAT_VERSION, CorpusDesign, WorldConfig, get_preset
+
+__all__ = [
+    "PRESETS", "WORLD_FORMAT_VERSION", "CorpusDesign", "World", "WorldConfig", "build_world", "default_cache_dir",
+    "get_preset", "load_world", "resolve_config", "verify_world", "world_dir", "world_info",
+]

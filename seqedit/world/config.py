@@ -1,0 +1,170 @@
+"""World configuration: every knob of the synthetic world (content, corpus design, tokenizer, model, training).
+
+A `WorldConfig` fully determines a world: its hash names the cache directory, so any change of a field (or of
+`WORLD_FORMAT_VERSION`, bumped whenever generator/training code changes what a config produces) builds a new world.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Bump when the generator, corpus or training code changes the world a given config produces.
+WORLD_FORMAT_VERSION = 1
+
+CORPUS_MODES = ("sentences", "biography")
+
+
+@dataclass(frozen=True)
+class CorpusDesign:
+    """How the training text is written from the facts. A later issue iterates on this, so keep it declarative."""
+
+    # "sentences": one fact per training sequence; "biography": one row per subject with all its facts.
+    mode: str = "sentences"
+    # Sequences per fact ("sentences") or rows per subject ("biography") in each epoch.
+    variants_per_epoch: int = 1
+    # Draw fresh templates/orderings every epoch. With fixed variants the model memorises whole rows and recall on
+    # context-free prompts stalls (environment notes: 0.6 vs 0.97).
+    regenerate_each_epoch: bool = True
+    # Template styles used in training: "relation_first" ("The capital of {} is") and/or "subject_first" ("{}'s ...").
+    template_styles: tuple[str, ...] = ("relation_first", "subject_first")
+    # If True, paraphrase-only templates are never trained on (paraphrase recall then measures generalisation).
+    holdout_paraphrase_templates: bool = False
+    # "biography" mode: shuffle the order of a subject's facts inside each row.
+    shuffle_biography: bool = True
+    # Skill lines per epoch (arithmetic: all training pairs are always included once; these add repeats).
+    arithmetic_repeats: int = 1
+    ordering_lines_per_epoch: int = 200
+
+    def __post_init__(self) -> None:
+        if self.mode not in CORPUS_MODES:
+            raise ValueError(f"CorpusDesign.mode={self.mode!r}; allowed: {', '.join(CORPUS_MODES)}")
+        bad = [s for s in self.template_styles if s not in ("relation_first", "subject_first")]
+        if bad or not self.template_styles:
+            raise ValueError(
+                f"CorpusDesign.template_styles={self.template_styles!r}; allowed: a non-empty subset of "
+                "('relation_first', 'subject_first')"
+            )
+        if self.variants_per_epoch < 1:
+            raise ValueError(f"CorpusDesign.variants_per_epoch={self.variants_per_epoch}; must be >= 1")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """All knobs of a world. `name` is the cache-dir prefix (the preset name for presets)."""
+
+    name: str = "custom"
+    seed: int = 0
+    # --- world content
+    n_subjects: int = 300
+    # Relative frequency of each subject kind (kinds are defined in generator.KINDS).
+    kind_weights: tuple[tuple[str, float], ...] = (
+        ("person", 0.40), ("city", 0.20), ("country", 0.15), ("company", 0.15), ("band", 0.10),
+    )
+    relations_per_subject: int = 4  # capped by how many relations the subject's kind has
+    mc_subject_fraction: float = 0.2  # subjects whose facts are learned but never edit records (facts_mc)
+    n_neighborhood: int = 10
+    n_attribute: int = 10
+    n_generation: int = 4
+    # --- skills
+    arithmetic_max: int = 15  # operands 0..arithmetic_max
+    arithmetic_heldout_fraction: float = 0.33  # of unordered pairs a<b; one orientation is held out
+    ordering_min_len: int = 3
+    ordering_max_len: int = 4
+    ordering_heldout_mod: int = 8  # sequences whose stable hash % mod == 0 are held out of training
+    n_ordering_mc: int = 120
+    heldout_min_tokens: int = 6000
+    # --- corpus
+    corpus: CorpusDesign = field(default_factory=CorpusDesign)
+    # --- tokenizer (small vocab so made-up names split into several tokens)
+    # Upper bound: merges stop once no pair occurs min_frequency times (about 1,200-1,250 tokens here). Names split into
+    # syllables by construction of the tokenizer corpus, not by a small vocabulary, so objects can be single tokens.
+    vocab_size: int = 1500
+    min_frequency: int = 3
+    # --- model
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 128
+    # --- training
+    epochs: int = 80
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    torch_threads: int | None = None  # None: leave torch's thread setting alone
+
+    def __post_init__(self) -> None:
+        if self.n_subjects < 10:
+            raise ValueError(f"WorldConfig.n_subjects={self.n_subjects}; need at least 10")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"WorldConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if not 0.0 <= self.mc_subject_fraction < 1.0:
+            raise ValueError(f"WorldConfig.mc_subject_fraction={self.mc_subject_fraction}; must be in [0, 1)")
+        if self.arithmetic_max < 3:
+            raise ValueError(f"WorldConfig.arithmetic_max={self.arithmetic_max}; must be >= 3")
+        if not 2 <= self.ordering_min_len <= self.ordering_max_len:
+            raise ValueError(
+                f"WorldConfig.ordering_min_len/max_len={self.ordering_min_len}/{self.ordering_max_len}; "
+                "need 2 <= min <= max"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WorldConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown WorldConfig keys {unknown}; allowed: {sorted(names)}")
+        kw = dict(data)
+        if "corpus" in kw and isinstance(kw["corpus"], Mapping):
+            c = dict(kw["corpus"])
+            c_names = {f.name for f in dataclasses.fields(CorpusDesign)}
+            bad = sorted(set(c) - c_names)
+            if bad:
+                raise ValueError(f"unknown CorpusDesign keys {bad}; allowed: {sorted(c_names)}")
+            if "template_styles" in c:
+                c["template_styles"] = tuple(c["template_styles"])
+            kw["corpus"] = CorpusDesign(**c)
+        if "kind_weights" in kw:
+            kw["kind_weights"] = tuple((str(k), float(w)) for k, w in kw["kind_weights"])
+        return cls(**kw)
+
+    def config_hash(self) -> str:
+        """12 hex digits identifying this world (config + format version)."""
+        blob = json.dumps({"format": WORLD_FORMAT_VERSION, **self.to_dict()}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+PRESETS: dict[str, WorldConfig] = {
+    # For tests: builds in well under a minute on 2 cores.
+    "tiny": WorldConfig(
+        name="tiny", n_subjects=120, relations_per_subject=3, n_layer=2, n_embd=64, n_head=4, n_positions=64, lr=6e-3,
+        epochs=60, arithmetic_max=9, n_ordering_mc=80,
+        corpus=CorpusDesign(ordering_lines_per_epoch=120),
+    ),
+    # Default for runs: 4 layers x 128, ~1,000+ facts, a few minutes on 2 cores.
+    "small": WorldConfig(name="small"),
+}
+
+
+def get_preset(name: str) -> WorldConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown world preset {name!r}; allowed: {', '.join(sorted(PRESETS))}") from None
