@@ -24,7 +24,7 @@ from seqedit.world import (
 from seqedit.world import train as world_train
 from seqedit.world.generator import RELATION_BY_ID, generate_world
 
-# Measured on 2 shared cores: tiny reaches edit recall 0.99 and paraphrase recall 0.98 (see report.json).
+# Measured on 2 shared cores over seeds 0-2: tiny reaches edit recall 0.97-1.0, paraphrase recall 0.98-0.99.
 TINY_MIN_RECALL = 0.85
 
 
@@ -63,6 +63,15 @@ def test_biography_mode_writes_one_row_per_subject_with_all_its_facts():
     s = w.subjects[0].name
     row = next(r for r in rows if s in r)
     assert row.count(".") >= sum(f.subject == s for f in w.facts)
+
+
+def test_holdout_paraphrase_design_never_trains_paraphrase_templates():
+    cfg = dataclasses.replace(PRESETS["tiny"], corpus=CorpusDesign(holdout_paraphrase_templates=True))
+    w = generate_world(cfg)
+    text = "\n".join(t for e in range(8) for t in w.epoch_texts(e))
+    assert all(p not in text for r in w.records for p in r["paraphrase_prompts"])
+    assert all(r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]) in text
+               for r in w.records[:20])
 
 
 def _fact_index(world):
@@ -170,7 +179,8 @@ def test_tiny_world_files_report_and_recall(tiny_world):
     rep = w.report
     assert rep["recall_edit"] >= TINY_MIN_RECALL and rep["recall_paraphrase"] >= TINY_MIN_RECALL - 0.05
     assert rep["downstream"]["facts_mc"] >= 0.8
-    assert rep["downstream"]["ordering"] >= 0.5  # chance is 0.25
+    # Skills on held-out items (chance 0.25). Measured over seeds 0-2: ordering 0.72-0.98, arithmetic 0.59-0.82.
+    assert rep["downstream"]["ordering"] >= 0.5 and rep["downstream"]["arithmetic"] >= 0.35
     assert rep["params"] == sum(p.numel() for p in w.model.parameters())
     assert rep["vocab_size"] == len(w.tokenizer) and rep["build_seconds"] > 0
     assert rep["heldout_tokens"] >= 5000
@@ -251,6 +261,8 @@ def test_corrupt_or_incomplete_world_is_detected_and_rebuilt(tmp_path, monkeypat
 
     (path / "checksums.json").unlink()  # as if a build was killed before its last write
     assert "incomplete" in verify_world(path) and not world_info(cfg, cache_dir=tmp_path)["built"]
+    stale = path.parent / f".tmp-{path.name}-killed"  # a killed build's temporary directory
+    stale.mkdir()
     build_world(cfg, cache_dir=tmp_path, force=True)
     assert len(calls) == 3 and verify_world(path) is None
     leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith((".tmp-", ".trash-"))]

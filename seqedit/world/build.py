@@ -151,6 +151,11 @@ def build_world(
         problem = verify_world(final)
         if problem is None and not force:  # another process finished it while we waited
             return final
+        # Leftovers of killed builds of this world (anyone building it would hold the lock we now hold).
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in final.parent.glob(f".trash-{final.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         if final.exists():
             say(f"world {final} {'is rebuilt (force)' if force else f'needs a rebuild: {problem}'}")
             logger.info("rebuilding world %s (%s)", final, "force" if force else problem)

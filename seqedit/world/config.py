@@ -31,10 +31,14 @@ class CorpusDesign:
     regenerate_each_epoch: bool = True
     # Template styles used in training: "relation_first" ("The capital of {} is") and/or "subject_first" ("{}'s ...").
     template_styles: tuple[str, ...] = ("relation_first", "subject_first")
-    # If True, paraphrase-only templates are never trained on (paraphrase recall then measures generalisation).
+    # If True, only two templates per relation are trained on (edit prompts come from them) and paraphrase prompts
+    # use the others, so paraphrase recall measures generalisation to unseen phrasings.
     holdout_paraphrase_templates: bool = False
     # "biography" mode: shuffle the order of a subject's facts inside each row.
     shuffle_biography: bool = True
+    # Also write each fact attribute-first once per epoch ("Lumumi chess is its national sport."), so the subject's
+    # last token must predict an attribute before any relation word (env notes: raises the subject-position share).
+    attribute_first: bool = False
     # Skill lines per epoch (arithmetic: all training pairs are always included once; these add repeats).
     arithmetic_repeats: int = 1
     ordering_lines_per_epoch: int = 200
@@ -155,8 +159,8 @@ PRESETS: dict[str, WorldConfig] = {
     # For tests: builds in well under a minute on 2 cores.
     "tiny": WorldConfig(
         name="tiny", n_subjects=120, relations_per_subject=3, n_layer=2, n_embd=64, n_head=4, n_positions=64, lr=6e-3,
-        epochs=60, arithmetic_max=9, n_ordering_mc=80,
-        corpus=CorpusDesign(ordering_lines_per_epoch=120),
+        epochs=60, arithmetic_max=9, arithmetic_heldout_fraction=0.5, n_ordering_mc=80,
+        corpus=CorpusDesign(ordering_lines_per_epoch=250),
     ),
     # Default for runs: 4 layers x 128, ~1,000+ facts, a few minutes on 2 cores.
     "small": WorldConfig(name="small"),

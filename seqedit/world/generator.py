@@ -200,14 +200,8 @@ class GeneratedWorld:
     # -- training text -------------------------------------------------------------------------------------------
 
     def train_templates(self, rel: Relation) -> tuple[str, ...]:
-        """Templates the corpus may use for `rel` under the corpus design."""
-        d = self.config.corpus
-        ts = [t for t in rel.templates if rel.style(t) in d.template_styles]
-        if d.holdout_paraphrase_templates:
-            used = {r["requested_rewrite"]["prompt"] for r in self.records
-                    if r["requested_rewrite"]["relation_id"] == rel.id}
-            ts = [t for t in ts if t in used] or [rel.templates[0]]
-        return tuple(ts) or (rel.templates[0],)
+        """Templates the corpus uses for `rel` under the corpus design."""
+        return trained_templates(rel, self.config.corpus)
 
     def epoch_texts(self, epoch: int) -> list[str]:
         """Training documents for one epoch (without BOS/EOS). Fresh variants per epoch unless the design says no."""
@@ -232,6 +226,8 @@ class GeneratedWorld:
                     texts.append(" ".join(
                         fact_sentence(rng.choice(self.train_templates(f.relation)), f.subject, f.object)
                         for f in order))
+        if d.attribute_first:
+            texts.extend(f"{f.subject} {f.object} is its {f.relation.name}." for f in self.facts)
         for _ in range(d.arithmetic_repeats):
             texts.extend(arithmetic_line(a, b) for a, b in self.arithmetic_train)
         ord_rng = _stream(self.config, f"ordering-train:{epoch if d.regenerate_each_epoch else 0}")
@@ -291,6 +287,13 @@ class GeneratedWorld:
                 docs.append(doc)
                 n_words += len(doc.split())
         return docs
+
+
+def trained_templates(rel: Relation, design: CorpusDesign) -> tuple[str, ...]:
+    """The templates of `rel` that appear in training text: those of the allowed styles, and with
+    `holdout_paraphrase_templates` only the first two of them (the rest are paraphrase-only)."""
+    ts = [t for t in rel.templates if rel.style(t) in design.template_styles] or [rel.templates[0]]
+    return tuple(ts[:2] if design.holdout_paraphrase_templates else ts)
 
 
 def fact_sentence(template: str, subject: str, obj: str) -> str:
@@ -411,7 +414,13 @@ def _make_records(cfg: WorldConfig, facts: Sequence[Fact]) -> list[dict]:
         rel = f.relation
         templates = list(rel.templates)
         rng.shuffle(templates)
-        prompt, paraphrase_ts = templates[0], templates[1:3]
+        # The edit prompt is a trained template; paraphrases are two others (untrained ones when the design holds
+        # paraphrase templates out).
+        trained = trained_templates(rel, cfg.corpus)
+        prompt = next(t for t in templates if t in trained)
+        rest = [t for t in templates if t != prompt]
+        rest.sort(key=lambda t: t in trained)  # stable: untrained first, random order within each group
+        paraphrase_ts = rest[:2]
         # target_new: another object of the same relation, preferring one that other subjects hold (attribute prompts)
         others = [o for o in rel.objects if o != f.object]
         held = [o for o in others if by_rel_obj.get((rel.id, o))]
@@ -471,8 +480,9 @@ def _make_arithmetic(cfg: WorldConfig) -> tuple[tuple[tuple[int, int], ...], lis
     rows = []
     for a, b in held:
         true = a + b
-        # Distractors near the answer, so the task is not solvable by magnitude alone.
-        pool = [str(v) for v in range(max(0, true - 4), min(2 * n, true + 4) + 1)]
+        # Distractors anywhere in the answer range: partial (magnitude) knowledge earns partial credit, which keeps
+        # small models above chance so that forgetting shows as a drop.
+        pool = [str(v) for v in range(2 * n + 1)]
         rows.append(_mc_row(rng, f"arith-{len(rows)}", arithmetic_question(a, b), str(true), pool))
     return train, rows
 
