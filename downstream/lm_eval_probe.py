@@ -294,10 +294,12 @@ class DownstreamProbe:
                 raise ValueError(f"num_fewshot={self.num_fewshot}; must be >= 0 or null")
             if not isinstance(logging.getLevelName(self.lm_eval_log_level.upper()), int):
                 raise ValueError(f"lm_eval_log_level={self.lm_eval_log_level!r}; allowed: DEBUG, INFO, WARNING, ERROR")
+            # Cheap and lm-eval-free: typos in our own names (suites, world_*, *_local) fail at config validation,
+            # before a model loads. lm-eval task names are checked against its index in check().
+            resolve_tasks(self.tasks, self.limit, self.local_data_dir)
 
     def __init__(self, config: DownstreamProbe.Config | None = None) -> None:
         self.config = config or self.Config()
-        # Cheap and lm-eval-free, so config validation catches typos in our own names before a model loads.
         self.tasks: tuple[ResolvedTask, ...] = resolve_tasks(
             self.config.tasks, self.config.limit, self.config.local_data_dir
         )

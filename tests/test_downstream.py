@@ -228,8 +228,13 @@ def test_suite_resolution():
 
 
 def test_unknown_names_did_you_mean():
+    from seqedit.config import ConfigError
+    from seqedit.probe_api import make_probe
+
     with pytest.raises(ValueError, match=r"unknown downstream task or suite 'world_fact'.*Did you mean 'world_facts'"):
-        DownstreamProbe(DownstreamProbe.Config(tasks=("world_fact",)))
+        DownstreamProbe.Config(tasks=("world_fact",))
+    with pytest.raises(ConfigError, match=r"probes\.downstream: unknown downstream task or suite 'glue_4'"):
+        make_probe("downstream", {"tasks": ["glue_4"]})  # config validation, before any model loads
     with pytest.raises(ValueError, match=r"'sts2_local'.*Did you mean 'sst2_local'"):
         resolve_tasks(["sts2_local"])
     err = unknown_task_error("hellaswagg", ["hellaswag", "arc_easy"])
