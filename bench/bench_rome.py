@@ -4,7 +4,7 @@
    `editor.compute` call to the v* optimisation alone: goal <= 1.2.
 2. Second-moment statistics: build time and throughput (tokens/s), fingerprint time, cache-load time.
 
-    .venv/bin/python bench/bench_rome.py [--model random:6x256 | world:small | <HF folder>] [--editor r-rome]
+    .venv/bin/python bench/bench_rome.py [--model random:6x256 | world:small | <world folder>] [--editor r-rome]
         [--edits 10] [--stats-docs 3000] [--threads 2]
 
 `random:LxD` is a randomly initialised GPT-2 (L layers, width D, d_ff 4D) with a byte-level BPE tokenizer and text
@@ -102,10 +102,13 @@ def main() -> None:
 
         loaded = load_model(ModelConfig(name=args.model))
         model, tok = loaded.model, loaded.tokenizer
-        if loaded.world is None:
-            raise SystemExit("for a non-world model give statistics text via the driver; use world:<preset>")
-        text = loaded.world.heldout_path
-        requests = list(load_requests(loaded.world.counterfact_path).requests)[: args.edits]
+        if loaded.world is not None:
+            text, records = loaded.world.heldout_path, loaded.world.counterfact_path
+        else:  # a folder of a built world (or any folder holding heldout.txt and counterfact.json)
+            text, records = Path(args.model) / "heldout.txt", Path(args.model) / "counterfact.json"
+            if not (text.exists() and records.exists()):
+                raise SystemExit(f"{args.model}: expected heldout.txt and counterfact.json beside the model")
+        requests = list(load_requests(records).requests)[: args.edits]
     arch = arch_for(model)
     n_params = sum(p.numel() for p in model.parameters())
     cls = get_editor(args.editor)

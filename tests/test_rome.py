@@ -301,3 +301,43 @@ def test_request_prompt_with_subject_at_the_end(tok, text, tmp_path):
     req = EditRequest("r3", "Everyone knows {}", "Kalomi Ranvel", "Zorpha")
     prop = editor_for("r-rome", model, tok, text, tmp_path).compute(model, tok, [req])
     assert all(torch.isfinite(d).all() for d in prop.deltas.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# efficacy on a trained world model (slow; needs seqedit.world)
+
+
+@pytest.mark.slow
+def test_r_rome_single_edits_on_the_world_model(tmp_path):
+    """100 independent single r-ROME edits: efficacy >= 0.9, paraphrase above the unedited model, neighbours kept.
+
+    The preset comes from $SEQEDIT_ROME_WORLD (default "tiny"); the world is built on first use (about 30 s)."""
+    import os
+
+    from seqedit.apply import apply_proposal, revert
+    from seqedit.data import load_requests
+    from seqedit.metrics import evaluate_requests, mean_of
+
+    world_pkg = pytest.importorskip("seqedit.world")
+    if not hasattr(world_pkg, "load_world"):
+        pytest.skip("seqedit.world.load_world is not available yet")
+    torch.set_num_threads(2)
+    w = world_pkg.load_world(os.environ.get("SEQEDIT_ROME_WORLD", "tiny"))
+    model, tok = w.model, w.tokenizer
+    reqs = list(load_requests(w.counterfact_path).requests)[:100]
+    base = evaluate_requests(model, tok, reqs)
+    editor = get_editor("r-rome")(get_editor("r-rome").Config(v_weight_decay=1e-3))
+    editor.prepare(model, tok, EditorContext.for_model(model, seed=0, run_dir=tmp_path, cache_dir=tmp_path / "cache",
+                                                       stats_text=(w.heldout_path,)))
+    outcomes = []
+    for r in reqs:
+        applied = apply_proposal(model, editor.compute(model, tok, [r]), editor.params(model))
+        outcomes.extend(evaluate_requests(model, tok, [r]))
+        revert(model, applied)
+    eff, para, nbr = (mean_of(outcomes, k) for k in ("efficacy", "paraphrase", "neighborhood"))
+    base_para, base_nbr = mean_of(base, "paraphrase"), mean_of(base, "neighborhood")
+    print(f"r-ROME on world: efficacy {eff:.3f}, paraphrase {para:.3f} (unedited {base_para:.3f}), "
+          f"neighbourhood {nbr:.3f} (unedited {base_nbr:.3f})")
+    assert eff >= 0.9
+    assert para > base_para
+    assert nbr >= base_nbr - 0.1
