@@ -310,8 +310,12 @@ class DownstreamProbe:
     def check(self, world: Any = None) -> list[str]:
         """Verify every task's data is available locally and load it (once). Returns the task names to be run.
 
-        Raises ValueError for unknown task names (did-you-mean) and DownstreamDataError for missing data."""
+        `world` is the seqedit.world.World (or anything with a `.world`, such as model_io's LoadedModel; None for
+        models that are not world models). Raises ValueError for unknown task names (did-you-mean) and
+        DownstreamDataError for missing data."""
         if self._prepared is None:
+            if world is not None and not hasattr(world, "downstream_dir") and hasattr(world, "world"):
+                world = world.world  # a LoadedModel: the driver passes what load_model returned
             self._prepared = self._prepare(world)
         return list(self._prepared.tasks)
 

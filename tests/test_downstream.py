@@ -20,7 +20,8 @@ from seqedit.downstream.lm_eval_probe import (
 from seqedit.downstream.suites import SUITES, known_names, resolve_tasks, unknown_task_error
 from seqedit.probe_api import PROBES, ProbeContext
 from seqedit.scoring import score_targets
-from tests_support import SENTENCES, make_tiny_gpt2
+from _world_fixtures import tiny_world  # noqa: F401  (session fixture, used by the slow world test)
+from tests_support import SENTENCES, counterfact_records, make_tiny_gpt2, make_tokenizer
 
 OBJECTS = ["Mirandu", "Quorath", "hockey", "tennis", "Ovarish", "flute", "Arvalia", "Sumerish", "Tesselin"]
 
@@ -183,6 +184,36 @@ def test_model_left_as_found(small_probe, tokenizer, training):
     assert tokenizer.pad_token == tokenizer_pad
 
 
+def test_check_accepts_loaded_model_and_driver_runs_it(world_data, tmp_path):
+    """The driver calls probe.check(<LoadedModel>) at start-up, then the probe on its schedule."""
+    from types import SimpleNamespace
+
+    from seqedit.config import load_config
+    from seqedit.driver import run
+    from seqedit.io import read_jsonl
+
+    world = SimpleNamespace(downstream_dir=world_data, heldout_path=world_data / "heldout.txt")
+    probe = DownstreamProbe(DownstreamProbe.Config(tasks=("world_facts",)))
+    assert probe.check(SimpleNamespace(world=world, model=None)) == ["world_facts"]
+
+    tok = make_tokenizer()
+    make_tiny_gpt2(len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "cf.json").write_text(json.dumps(counterfact_records(4)))
+    cfg = load_config(None, [
+        f"model.name={tmp_path / 'model'}", f"data.source={tmp_path / 'cf.json'}", f"runs_dir={tmp_path / 'runs'}",
+        f"cache_dir={tmp_path / 'cache'}", "n_edits=4", "editor.name=random", "editor.relative_norm=0.05",
+        "probes=[{name: downstream, schedule: 'every:2', tasks: [world_facts, world_perplexity], limit: 3, "
+        f"log_items: true, data_dir: {world_data}}}]",
+    ])
+    summary = run(cfg)
+    rows = [r for r in read_jsonl(summary.run_dir / "telemetry" / "probes.jsonl")
+            if "downstream/world_facts/acc" in r]
+    assert len(rows) >= 3 and {r["downstream/world_facts/n"] for r in rows} == {3.0}  # edits 0 (baseline), 2, 4
+    items = read_jsonl(summary.run_dir / "telemetry" / "items-downstream.jsonl")
+    assert {r["task"] for r in items} == {"world_facts", "world_perplexity"}
+
+
 def test_tokenizer_without_pad_is_not_mutated(world_data, tokenizer, tiny_gpt2):
     tok = copy.deepcopy(tokenizer)
     tok.pad_token = None
@@ -283,29 +314,35 @@ def test_unknown_lm_eval_name_checked_against_full_index():
         probe.check()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_world_tasks_on_unedited_model(preset):
+def _check_world(world) -> dict:
     """The bundled tasks on an unedited world model: lm-eval's accuracy equals the world's own build report (same
-    items, same criterion: summed log-prob of " " + choice), facts are clearly above chance (4 choices: 0.25), and on
-    `small` (the preset trained for the skills) arithmetic and ordering are too."""
-    from seqedit.world import load_world, world_info
-
-    if preset != "tiny" and not world_info(preset)["built"]:
-        pytest.skip(f"world:{preset} is not built (seqedit world build {preset})")
-    world = load_world(preset)
+    items, same criterion: summed log-prob of " " + choice) and every task is clearly above chance (4 choices)."""
     probe = DownstreamProbe(DownstreamProbe.Config(tasks=("world",), limit=1000))
     probe.check(world)
     m = probe(ProbeContext(model=world.model, tokenizer=world.tokenizer, edit_index=0, applied=(),
                            world=world)).metrics
-    print(preset, {k.removeprefix("downstream/"): round(v, 4) for k, v in m.items() if v is not None})
+    print(world.config.name, {k.removeprefix("downstream/"): round(v, 4) for k, v in m.items() if v is not None})
     report = world.report["downstream"]
     for task, key in (("world_facts", "facts_mc"), ("world_arithmetic", "arithmetic"), ("world_ordering", "ordering")):
         assert m[f"downstream/{task}/acc"] == pytest.approx(report[key], abs=1e-4), task
     assert m["downstream/world_facts/acc"] >= 0.6
-    if preset != "tiny":  # tiny's own report has its skills at chance (too few epochs for them)
-        assert m["downstream/world_arithmetic/acc"] >= 0.4 and m["downstream/world_ordering/acc"] >= 0.4
-    assert 1.0 < m["downstream/world_perplexity/word_perplexity"] < 1000
+    assert m["downstream/world_arithmetic/acc"] >= 0.4 and m["downstream/world_ordering/acc"] >= 0.4
+    assert 1.0 < m["downstream/world_perplexity/word_perplexity"] < 10_000
+    return m
+
+
+@pytest.mark.slow
+def test_world_tiny_tasks(tiny_world):
+    _check_world(tiny_world)
+
+
+@pytest.mark.slow
+def test_world_small_tasks():
+    from seqedit.world import load_world, world_info
+
+    if not world_info("small")["built"]:
+        pytest.skip("world:small is not built (seqedit world build small)")
+    _check_world(load_world("small"))
 
 
 @pytest.mark.gpu
