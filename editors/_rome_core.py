@@ -280,7 +280,7 @@ def subject_keys(
 class ValueOptConfig:
     num_grad_steps: int = 20  # iterations; the last only evaluates (20 → at most 19 Adam updates)
     lr: float = 0.5
-    loss_layer: int | None = None  # None or the last layer: the model's own logits; else ln_f + lm_head there
+    loss_layer: int | None = None  # None: the model's own logits; else ln_f + lm_head on that block's output
     weight_decay: float = 0.5  # × ‖δ‖ / ‖v0‖² (unsquared norm, as in the reference code)
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v0‖ after every step
     kl_factor: float = 0.0625
@@ -339,13 +339,12 @@ def optimise_value(
     t_tok = torch.tensor(tgt_tok, device=device)
     kl_rows = torch.arange(n_rw, len(rows), device=device)
 
-    d_model = get_module(model, site)  # validates the name early
-    del d_model
+    get_module(model, site)  # validates the name before any work
     n_layers = num_layers(model)
     loss_layer = cfg.loss_layer if cfg.loss_layer is not None else n_layers - 1
     if not 0 <= loss_layer < n_layers:
         raise ValueError(f"v_loss_layer {cfg.loss_layer} out of range; the model has layers 0..{n_layers - 1}")
-    own_logits = loss_layer == n_layers - 1
+    own_logits = cfg.loss_layer is None  # else ln_f + lm_head on that block's output (MEMIT's recomputed logits)
 
     delta: torch.Tensor | None = None
     v0: torch.Tensor | None = None

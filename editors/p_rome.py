@@ -12,8 +12,6 @@ from typing import ClassVar
 from seqedit.editors.base import register_editor
 from seqedit.editors.rome import RomeConfig, RomeEditor
 
-Config = RomeConfig
-
 
 @register_editor("p-rome")
 class PRomeEditor(RomeEditor):

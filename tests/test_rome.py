@@ -341,3 +341,39 @@ def test_r_rome_single_edits_on_the_world_model(tmp_path):
     assert eff >= 0.9
     assert para > base_para
     assert nbr >= base_nbr - 0.1
+
+
+def test_explicit_last_loss_layer_recomputes_the_model_logits(tok):
+    model = make_model("llama", len(tok))
+    arch = arch_for(model)
+    cfg = core.ValueOptConfig(num_grad_steps=4, lr=0.05, weight_decay=0.0)
+    own = core.optimise_value(model, tok, arch, requests()[0], arch.mlp(0), ("{}",), cfg)
+    via = core.optimise_value(model, tok, arch, requests()[0], arch.mlp(0), ("{}",),
+                              dataclasses.replace(cfg, loss_layer=2))
+    torch.testing.assert_close(via.target, own.target, rtol=1e-4, atol=1e-6)
+    assert via.losses == pytest.approx(own.losses, rel=1e-4)
+    with pytest.raises(ValueError, match="out of range"):
+        core.optimise_value(model, tok, arch, requests()[0], arch.mlp(0), ("{}",),
+                            dataclasses.replace(cfg, loss_layer=3))
+
+
+def test_two_layers_are_edited_one_after_the_other(tok, text, tmp_path):
+    model = make_model("gpt2", len(tok))
+    arch = arch_for(model)
+    editor = editor_for("rome", model, tok, text, tmp_path, layers=(2, 0))
+    e0, e2 = editor.compute_edits(model, tok, requests()[:1])
+    assert (e0.layer, e2.layer) == (0, 2)
+    prop = editor.compute(model, tok, requests()[:1])
+    assert set(prop.deltas) == {f"{arch.mlp_out(0)}.weight", f"{arch.mlp_out(2)}.weight"} == set(editor.params(model))
+    # layer 2's keys were taken with layer 0 already edited
+    with torch.no_grad():
+        model.get_parameter(e0.param).add_(e0.update.delta)
+    keys_after = core.subject_keys(model, tok, arch.mlp_out(2), ["The capital of {} is"], ["Kalomi Ranvel"])
+    torch.testing.assert_close(keys_after[0].float(), e2.keys[0].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_model_gives_finite_float32_deltas(tok, text, tmp_path):
+    model = make_model("llama", len(tok)).to(torch.bfloat16)
+    prop = editor_for("r-rome", model, tok, text, tmp_path).compute(model, tok, requests()[:1])
+    (delta,) = prop.deltas.values()
+    assert delta.dtype == torch.float32 and torch.isfinite(delta).all() and delta.abs().max() > 0
