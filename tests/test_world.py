@@ -211,6 +211,13 @@ def test_tiny_world_tokenizer_convention(tiny_world):
     assert tok.padding_side == "right"
     batch = tok(["The capital of Varokel is", "Hi"], padding=True, return_tensors="pt")
     assert batch["attention_mask"][1, -1] == 0 and batch["input_ids"][1, 0] == bos
+    # Generic loaders see the same convention.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(tiny_world.path)
+    assert auto("The capital of Varokel is")["input_ids"] == ids and auto.padding_side == "right"
+    assert auto.model_max_length == tiny_world.model.config.n_positions
+    assert AutoModelForCausalLM.from_pretrained(tiny_world.path).config.model_type == "gpt2"
     # Subjects span several tokens (ROME-style editors need a subject-last position distinct from the first).
     subjects = sorted({r["requested_rewrite"]["subject"] for r in tiny_world.records()})
     lens = [len(tok(" " + s, add_special_tokens=False)["input_ids"]) for s in subjects]

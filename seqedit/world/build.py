@@ -160,6 +160,7 @@ def build_world(
             say(f"world {final} {'is rebuilt (force)' if force else f'needs a rebuild: {problem}'}")
             logger.info("rebuilding world %s (%s)", final, "force" if force else problem)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache should be readable by others
         try:
             _build_into(cfg, tmp, say, progress)
             trash = None
@@ -210,7 +211,8 @@ def _build_into(cfg: WorldConfig, out: Path, say: Progress, progress: Progress |
         stack.enter_context(_quiet_transformers())
         say(f"generating world {cfg.name!r} (seed {cfg.seed}, {cfg.n_subjects} subjects)")
         world = generator.generate_world(cfg)
-        tokenizer = _train.train_tokenizer(world.tokenizer_corpus(), cfg.vocab_size, cfg.min_frequency)
+        tokenizer = _train.train_tokenizer(
+            world.tokenizer_corpus(), cfg.vocab_size, cfg.min_frequency, model_max_length=cfg.n_positions)
         say(f"{len(world.facts)} facts, {len(world.records)} edit records; tokenizer vocab {len(tokenizer)}")
         edit_pairs = [(r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]),
                        r["requested_rewrite"]["target_true"]["str"]) for r in world.records]

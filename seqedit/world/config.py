@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Bump when the generator, corpus or training code changes the world a given config produces.
-WORLD_FORMAT_VERSION = 1
+WORLD_FORMAT_VERSION = 2
 
 CORPUS_MODES = ("sentences", "biography")
 

@@ -22,7 +22,9 @@ SPECIAL = "<|endoftext|>"
 Progress = Callable[[str], None]
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Sequence[str], vocab_size: int, min_frequency: int = 2, model_max_length: int = 128
+) -> PreTrainedTokenizerFast:
     """Byte-level BPE on the world text, wrapped as a fast HF tokenizer that prepends BOS."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -36,11 +38,11 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, min_frequency: int = 
     tok.post_processor = processors.TemplateProcessing(
         single=f"{SPECIAL} $A", pair=f"{SPECIAL} $A $B", special_tokens=[(SPECIAL, bos)]
     )
-    fast = PreTrainedTokenizerFast(
+    # padding_side and model_max_length as init kwargs, so save_pretrained records them.
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=SPECIAL, eos_token=SPECIAL, pad_token=SPECIAL, unk_token=SPECIAL,
+        padding_side="right", model_max_length=model_max_length,
     )
-    fast.padding_side = "right"
-    return fast
 
 
 def make_model(cfg: WorldConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
