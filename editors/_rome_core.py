@@ -70,6 +70,33 @@ def subject_last_index(tokenizer: Any, template: str, subject: str) -> int:
     return n - 1
 
 
+def subject_token_span(tokenizer: Any, template: str, subject: str) -> tuple[int, int]:
+    """[first, last + 1) token indices of the subject in `prompt_ids(tokenizer, fill(template, subject)[0])`.
+
+    The end is `subject_last_index` + 1. Fast tokenizers: the first token whose character span overlaps the subject.
+    Others: leading special tokens + tokens of the text before the subject, with its trailing space if those tokens
+    begin the prompt's tokens, else without it (BPE and SentencePiece usually glue the space to the next word).
+    """
+    last = subject_last_index(tokenizer, template, subject)
+    text, start, end = fill(template, subject)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        first = next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start and b > a)
+    else:
+        ids = prompt_ids(tokenizer, text)
+        n_special = _leading_specials(ids, tokenizer)
+        n_prefix = 0
+        for prefix in (text[:start], text[:start].rstrip(" ")):
+            pre = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+            if list(ids[n_special : n_special + len(pre)]) == list(pre):
+                n_prefix = len(pre)
+                break
+        else:
+            n_prefix = len(tokenizer(text[:start].rstrip(" "), add_special_tokens=False)["input_ids"])
+        first = min(n_special + n_prefix, last)
+    return first, last + 1
+
+
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask, both [len(rows), max_len] long tensors on `device`."""
     width = max(len(r) for r in rows)

@@ -1,4 +1,4 @@
-"""`seqedit` command line: run, world build|info, list-editors."""
+"""`seqedit` command line: run, world build|info, trace, list-editors."""
 from __future__ import annotations
 
 import argparse
@@ -57,6 +57,53 @@ def cmd_push_wandb(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    import re
+    import time
+
+    from seqedit.config import ModelConfig
+    from seqedit.data import load_requests, order_requests
+    from seqedit.io import atomic_write_json
+    from seqedit.model_io import load_model
+    from seqedit.trace import KINDS, save_heatmaps, trace
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"--kinds {args.kinds!r}: allowed kinds are {', '.join(KINDS)} (comma-separated)")
+    if args.n_facts < 1:
+        raise ValueError(f"--n-facts must be >= 1, got {args.n_facts}")
+    t0 = time.perf_counter()
+    lm = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype), progress=_say)
+    data = args.data
+    if data is None:
+        if lm.world is None:
+            raise ValueError(f"--data is required for {args.model!r} (only world:<preset> models bring their own "
+                             "facts); give a CounterFact-style JSON or another format seqedit.data reads")
+        data = str(lm.world.counterfact_path)
+    loaded = load_requests(data)
+    requests = order_requests(loaded.requests, seed=args.seed, stop=args.n_facts)
+    _say(f"tracing {len(requests)} facts from {data} on {args.model} ...")
+    result = trace(lm.model, lm.tokenizer, requests, samples=args.samples, noise=args.noise, kinds=kinds,
+                   window=args.window, batch_size=args.batch_size, measure=args.measure,
+                   known_only=not args.include_unknown, seed=args.seed)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", args.model).strip("-.") or "model"
+    out = Path(args.out) if args.out else Path("runs") / f"trace-{slug}"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "trace.json", {"model": args.model, "data": data, **result.to_dict()})
+    print(result.format_tables())
+    if result.n_used == 0:
+        print("no fact was traced (the model knows none of them?): see 'skipped' in trace.json")
+    else:
+        try:
+            paths = save_heatmaps(result, out, title=args.model)
+            print("heatmaps: " + ", ".join(str(p) for p in paths))
+        except ImportError as e:
+            print(f"note: no heatmaps ({e})")
+    print(f"outputs: {out} (total {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def cmd_list_editors(args: argparse.Namespace) -> int:
     from seqedit.editors.base import list_editors
 
@@ -87,6 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--project", default=None)
     pw.add_argument("--entity", default=None)
     pw.set_defaults(func=cmd_push_wandb)
+
+    t = sub.add_parser("trace", help="causal tracing (ROME): where the model stores facts, to choose edit layers")
+    t.add_argument("model", help="world:<preset>, a local model folder or an HF id")
+    t.add_argument("--data", default=None, help="edit records (default: the world's counterfact.json)")
+    t.add_argument("--n-facts", type=int, default=50, help="facts sampled from the data (seeded)")
+    t.add_argument("--samples", type=int, default=3, help="noise samples per fact")
+    t.add_argument("--noise", type=float, default=None, help="noise std (default 3 x subject embedding std)")
+    t.add_argument("--kinds", default="hidden,mlp,attn", help="comma-separated: hidden, mlp, attn")
+    t.add_argument("--window", type=int, default=None, help="layers restored together for mlp/attn "
+                   "(default max(1, n_layers // 4))")
+    t.add_argument("--measure", default="first_token", choices=["first_token", "object"])
+    t.add_argument("--include-unknown", action="store_true", help="also trace facts the model gets wrong")
+    t.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="output folder (default runs/trace-<model>)")
+    t.set_defaults(func=cmd_trace)
 
     e = sub.add_parser("list-editors", help="list registered editors")
     e.set_defaults(func=cmd_list_editors)
