@@ -96,7 +96,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         print("no fact was traced (the model knows none of them?): see 'skipped' in trace.json")
     else:
         try:
-            paths = save_heatmaps(result, out, title=args.model)
+            title = Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model
+            paths = save_heatmaps(result, out, title=title)
             print("heatmaps: " + ", ".join(str(p) for p in paths))
         except ImportError as e:
             print(f"note: no heatmaps ({e})")

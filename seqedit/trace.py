@@ -474,6 +474,9 @@ def trace(
             if progress is not None:
                 progress(i + 1, len(requests))
 
+    if skipped:
+        log.info("trace: %d of %d facts skipped (first: %s: %s)", len(skipped), len(requests), skipped[0].case_id,
+                 skipped[0].reason)
     effects, counts = _aggregate(facts, kinds, n_layers)
     grad = gradient_share(model, tokenizer, used, arch=arch, batch_size=batch_size) if grad_share and used else None
     mean = (lambda xs: sum(xs) / len(xs) if xs else math.nan)
@@ -586,7 +589,7 @@ def save_heatmaps(result: TraceResult, out_dir: str | Path, *, title: str = "") 
         ax.set_xticks(range(result.n_layers))
         ax.set_xlabel("layer" if kind == "hidden" else f"center of {result.window}-layer window")
         what = {"hidden": "hidden state", "mlp": "MLP output", "attn": "attention output"}[kind]
-        ax.set_title(f"{title + ': ' if title else ''}restoring {what} ({result.n_used} facts)", fontsize=9)
+        ax.set_title(f"{title + chr(10) if title else ''}restoring {what} ({result.n_used} facts)", fontsize=9)
         fig.colorbar(im, ax=ax, label="mean indirect effect")
         fig.tight_layout()
         path = out_dir / f"trace_{kind}.png"
