@@ -25,6 +25,8 @@ from torch import nn
 
 from seqedit.archs import ArchSpec, get_module, in_features
 from seqedit.hooks import capture_inputs
+from seqedit.io import file_sha256
+from seqedit.scoring import pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +116,6 @@ def _check_sources(sources: Sequence[Source]) -> None:
             )
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def source_ids(sources: Sequence[Source]) -> list[dict[str, str]]:
     """Identity of each source for the cache key: path + content hash (datasets: their fingerprint)."""
     _check_sources(sources)
@@ -134,7 +128,7 @@ def source_ids(sources: Sequence[Source]) -> list[dict[str, str]]:
         if p.is_dir():
             out.append({"path": str(p), "dataset": _load_dataset_dir(p)._fingerprint})
         else:
-            out.append({"path": str(p), "sha256": _file_sha256(p)})
+            out.append({"path": str(p), "sha256": file_sha256(p)})
     return out
 
 
@@ -292,12 +286,7 @@ def compute_second_moments(
         limit = target if spec.unit == "documents" else None
         chunks = _tokenised(tokenizer, iter(documents), max_length, limit)
         for batch in (b for chunk in chunks for b in _batches(chunk, spec.batch_tokens)):
-            width = max(len(r) for r in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, row in enumerate(batch):
-                ids[i, : len(row)] = torch.tensor(row)
-                mask[i, : len(row)] = 1
+            ids, mask = pad_batch(batch, pad)
             ids, mask = ids.to(device), mask.to(device)
             with capture_inputs(model, names, stop=True) as cap:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)

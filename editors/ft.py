@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from seqedit.editors.base import BaseEditor, register_editor
-from seqedit.scoring import prompt_ids, target_ids
+from seqedit.scoring import pad_batch, prompt_ids, target_ids
 from seqedit.types import EditProposal, EditRequest
 
 
@@ -39,16 +39,8 @@ class FineTuneEditor(BaseEditor):
     def _batch(self, tokenizer: Any, requests: Sequence[EditRequest], device: torch.device):
         rows = [(prompt_ids(tokenizer, r.text), target_ids(tokenizer, r.target_new)) for r in requests]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        if self.config.objective == "prompt_last":
-            width = max(len(p) for p, _ in rows)
-        else:
-            width = max(len(p) + len(t) for p, t in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (p, t) in enumerate(rows):
-            seq = p if self.config.objective == "prompt_last" else p + t
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
+        last = self.config.objective == "prompt_last"
+        ids, mask = pad_batch([p if last else p + t for p, t in rows], pad)
         return rows, ids.to(device), mask.to(device)
 
     def _loss(self, model: nn.Module, rows, ids, mask) -> torch.Tensor:

@@ -1,12 +1,21 @@
 """Crash-safe file writing: atomic replace for whole files, flushed appends for JSONL streams."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

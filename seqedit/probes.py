@@ -15,7 +15,7 @@ import torch
 
 from seqedit.metrics import evaluate_requests, mean_of
 from seqedit.probe_api import PROBES, ProbeContext, ProbeResult, register_probe
-from seqedit.scoring import score_targets
+from seqedit.scoring import pad_batch, score_targets
 from seqedit.types import EditRequest
 
 
@@ -158,12 +158,7 @@ class PerplexityProbe:
             chunk = [d for d in self._docs[start : start + self.config.batch_size] if len(d) > 1]
             if not chunk:
                 continue
-            width = max(map(len, chunk))
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, d in enumerate(chunk):
-                ids[i, : len(d)] = torch.tensor(d)
-                mask[i, : len(d)] = 1
+            ids, mask = pad_batch(chunk, 0)
             ids, mask = ids.to(device), mask.to(device)
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)  # [b, pos, V]
             tok_lp = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # [b, pos-1]

@@ -31,6 +31,17 @@ class TargetScore:
         return float(torch.exp(torch.tensor(-self.nll)))
 
 
+def pad_batch(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (ids, attention_mask), both [batch, max_len] long tensors."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def target_ids(tokenizer: Any, target: str) -> list[int]:
     ids = tokenizer(" " + target.lstrip(" "), add_special_tokens=False)["input_ids"]
     if not ids:
@@ -59,14 +70,7 @@ def score_targets(
     encoded = [(prompt_ids(tokenizer, p), target_ids(tokenizer, t)) for p, t in zip(prompts, targets)]
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        lengths = [len(p) + len(t) for p, t in chunk]
-        width = max(lengths)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (p, t) in enumerate(chunk):
-            seq = p + t
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
+        ids, mask = pad_batch([p + t for p, t in chunk], pad)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [b, pos, vocab]
         logp = torch.log_softmax(logits, dim=-1)
         for i, (p, t) in enumerate(chunk):

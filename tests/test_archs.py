@@ -14,17 +14,7 @@ from seqedit import archs
 from seqedit.hooks import capture, patch_output
 
 
-def _helper(name: str):
-    # --import-mode=importlib puts no test folder on sys.path; load the shared helper module by file.
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fx = _helper("_arch_fixtures")
+import _arch_fixtures as fx  # noqa: E402  (tests/ is on sys.path via pytest pythonpath)
 torch.set_num_threads(1)
 BY_KEY = {f.key: f for f in fx.FAMILIES}
 

@@ -8,7 +8,6 @@ treated as missing and rebuilt, so a killed build never leaves a half-written wo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from seqedit.io import file_sha256
 from seqedit.world.config import PRESETS, WORLD_FORMAT_VERSION, WorldConfig, get_preset
 
 if TYPE_CHECKING:
@@ -71,20 +71,12 @@ def world_dir(cfg: str | WorldConfig, cache_dir: str | Path | None = None) -> Pa
 # Integrity
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_checksums(directory: Path) -> None:
     files = sorted(
         p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p.name != CHECKSUMS
     )
     payload = {"algorithm": "sha256", "format_version": WORLD_FORMAT_VERSION,
-               "files": {rel: _sha256(directory / rel) for rel in files}}
+               "files": {rel: file_sha256(directory / rel) for rel in files}}
     tmp = directory / f".{CHECKSUMS}.tmp"
     tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
     os.replace(tmp, directory / CHECKSUMS)
@@ -109,7 +101,7 @@ def verify_world(path: str | Path) -> str | None:
         p = path / rel
         if not p.is_file():
             return f"missing file {rel}"
-        if _sha256(p) != digest:
+        if file_sha256(p) != digest:
             return f"checksum mismatch in {rel}"
     return None
 
