@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Bump when the generator, corpus or training code changes the world a given config produces.
-WORLD_FORMAT_VERSION = 2
+WORLD_FORMAT_VERSION = 3
 
 CORPUS_MODES = ("sentences", "biography")
 
@@ -39,6 +39,10 @@ class CorpusDesign:
     # Also write each fact attribute-first once per epoch ("Lumumi chess is its national sport."), so the subject's
     # last token must predict an attribute before any relation word (env notes: raises the subject-position share).
     attribute_first: bool = False
+    # Join 1..max_pack shuffled fact texts (sentences or rows) into each training document (skill lines stay alone). With 1, every
+    # fact sentence starts right after BOS at a fixed position; ROME-style editors prefix prompts with other text
+    # and then meet an out-of-distribution input.
+    max_pack: int = 1
     # Skill lines per epoch (arithmetic: all training pairs are always included once; these add repeats).
     arithmetic_repeats: int = 1
     ordering_lines_per_epoch: int = 200
@@ -52,6 +56,8 @@ class CorpusDesign:
                 f"CorpusDesign.template_styles={self.template_styles!r}; allowed: a non-empty subset of "
                 "('relation_first', 'subject_first')"
             )
+        if self.max_pack < 1:
+            raise ValueError(f"CorpusDesign.max_pack={self.max_pack}; must be >= 1")
         if self.variants_per_epoch < 1:
             raise ValueError(f"CorpusDesign.variants_per_epoch={self.variants_per_epoch}; must be >= 1")
 
@@ -159,14 +165,18 @@ def _plain(obj: Any) -> Any:
 
 
 PRESETS: dict[str, WorldConfig] = {
-    # For tests: builds in well under a minute on 2 cores.
+    # For tests: about 40 s on one core. Packed fact documents (max_pack=3) make prompts with preceding context
+    # in-distribution: single r-ROME edits at layer 0 went from about 0.3 to 0.85 efficacy in trials.
     "tiny": WorldConfig(
         name="tiny", n_subjects=120, relations_per_subject=3, n_layer=2, n_embd=64, n_head=4, lr=6e-3,
-        epochs=60, arithmetic_max=9, arithmetic_heldout_fraction=0.5, n_ordering_mc=80,
-        corpus=CorpusDesign(ordering_lines_per_epoch=250),
+        epochs=80, batch_size=24, arithmetic_max=9, arithmetic_heldout_fraction=0.5, ordering_max_len=3,
+        n_ordering_mc=80, corpus=CorpusDesign(max_pack=3, ordering_lines_per_epoch=200),
     ),
-    # Default for runs: 4 layers x 128, ~1,000+ facts, a few minutes on 2 cores.
-    "small": WorldConfig(name="small", lr=5e-3, epochs=60, corpus=CorpusDesign(ordering_lines_per_epoch=300)),
+    # Default for runs: 4 layers x 128, 1,125 facts, about 3 minutes on one core.
+    "small": WorldConfig(
+        name="small", lr=5e-3, epochs=60, batch_size=32,
+        corpus=CorpusDesign(max_pack=3, ordering_lines_per_epoch=300),
+    ),
 }
 
 

@@ -228,6 +228,15 @@ class GeneratedWorld:
                         for f in order))
         if d.attribute_first:
             texts.extend(f"{f.subject} {f.object} is its {f.relation.name}." for f in self.facts)
+        rng.shuffle(texts)
+        if d.max_pack > 1:  # documents of 1..max_pack fact texts: facts also appear after other text
+            docs, i = [], 0
+            while i < len(texts):
+                k = rng.randint(1, d.max_pack)
+                docs.append(" ".join(texts[i:i + k]))
+                i += k
+            texts = docs
+        # Skill lines stay single documents (packed, the tiny models failed to learn the ordering skill).
         for _ in range(d.arithmetic_repeats):
             texts.extend(arithmetic_line(a, b) for a, b in self.arithmetic_train)
         ord_rng = _stream(self.config, f"ordering-train:{epoch if d.regenerate_each_epoch else 0}")
@@ -241,7 +250,7 @@ class GeneratedWorld:
             op, words = _random_ordering(self.config, rng)
             q = ordering_question(op, words)
             if not _ordering_heldout(self.config, q):
-                return q + " " + " ".join(ordering_answer(op, words))
+                return q + " " + " ".join(ordering_answer(op, words)) + "."
 
     def tokenizer_corpus(self) -> list[str]:
         """Text the BPE is trained on, weighted so that merges come in a controlled order.
