@@ -68,6 +68,8 @@ def encode_documents(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], m
 
 
 def _batches(seqs: list[list[int]], batch_size: int, pad_id: int, gen: torch.Generator):
+    # Plain shuffled batches: sorting documents by length (less padding) made training 35% faster but cut the tiny
+    # world's recall from 0.99 to 0.78-0.89 in trials.
     order = torch.randperm(len(seqs), generator=gen).tolist()
     for i in range(0, len(order), batch_size):
         chunk = [seqs[j] for j in order[i:i + batch_size]]
