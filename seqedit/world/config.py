@@ -22,7 +22,7 @@ CORPUS_MODES = ("sentences", "biography")
 class CorpusDesign:
     """How the training text is written from the facts. A later issue iterates on this, so keep it declarative."""
 
-    # "sentences": one fact per training sequence; "biography": one row per subject with all its facts.
+    # "sentences": one sentence per fact; "biography": one row per subject with all its facts.
     mode: str = "sentences"
     # Sequences per fact ("sentences") or rows per subject ("biography") in each epoch.
     variants_per_epoch: int = 1
@@ -39,9 +39,10 @@ class CorpusDesign:
     # Also write each fact attribute-first once per epoch ("Lumumi chess is its national sport."), so the subject's
     # last token must predict an attribute before any relation word (env notes: raises the subject-position share).
     attribute_first: bool = False
-    # Join 1..max_pack shuffled fact texts (sentences or rows) into each training document (skill lines stay alone). With 1, every
-    # fact sentence starts right after BOS at a fixed position; ROME-style editors prefix prompts with other text
-    # and then meet an out-of-distribution input.
+    # Join 1..max_pack shuffled fact texts (sentences or rows) into each training document; skill lines stay alone.
+    # With 1, every fact sentence starts right after BOS at a fixed position, and the prompts ROME-style editors
+    # prefix with other text are out of distribution (tiny world: r-ROME efficacy ~0.3 with 1, ~0.55 with 2,
+    # ~0.85 with 3, at 22 / 36 / 47 s build time).
     max_pack: int = 1
     # Skill lines per epoch (arithmetic: all training pairs are always included once; these add repeats).
     arithmetic_repeats: int = 1
@@ -165,7 +166,7 @@ def _plain(obj: Any) -> Any:
 
 
 PRESETS: dict[str, WorldConfig] = {
-    # For tests: about 40 s on one core. Packed fact documents (max_pack=3) make prompts with preceding context
+    # For tests: about 45 s on one core. Packed fact documents (max_pack=3) make prompts with preceding context
     # in-distribution: single r-ROME edits at layer 0 went from about 0.3 to 0.85 efficacy in trials.
     "tiny": WorldConfig(
         name="tiny", n_subjects=120, relations_per_subject=3, n_layer=2, n_embd=64, n_head=4, lr=6e-3,

@@ -255,8 +255,8 @@ class GeneratedWorld:
     def tokenizer_corpus(self) -> list[str]:
         """Text the BPE is trained on, weighted so that merges come in a controlled order.
 
-        1. Each syllable on its own (three forms), repeated more often than any line below, so the syllable merges rank first and
-           every name is cut at syllable boundaries.
+        1. Each syllable on its own (three forms), repeated more often than any line below, so the syllable merges
+           rank first and every name is cut at syllable boundaries.
         2. Every (template, object) sentence of every relation once, with a placeholder subject, plus skill lines: the
            template words, objects and numbers become single tokens.
         3. Each subject name exactly once, so no whole name (beyond frequent first names) becomes a token.
