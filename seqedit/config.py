@@ -94,6 +94,9 @@ class RunConfig:
     seed: int = 0
     n_edits: int = 100
     batch_size: int = 1  # requests per editor call: 1 = single sequential edits, >1 = batched-sequential
+    # CPU threads for torch (None = torch's default). Several runs sharing a node: 1 each avoids the
+    # oversubscription that makes tiny-model forward passes many times slower.
+    threads: int | None = None
     runs_dir: str = "runs"  # run outputs go to <runs_dir>/<run_id>/
     cache_dir: str | None = None  # defaults to $SEQEDIT_CACHE or ~/.cache/seqedit
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -166,6 +166,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
     say = progress or (lambda msg: None)
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     cache_dir = default_cache_dir(cfg.cache_dir)
 
     # -- run directory, resolved config, state ----------------------------------------------------------------
