@@ -16,7 +16,6 @@ import torch
 from seqedit.metrics import evaluate_requests, mean_of
 from seqedit.probe_api import PROBES, ProbeContext, ProbeResult, register_probe
 from seqedit.scoring import pad_batch, score_targets
-from seqedit.types import EditRequest
 
 
 def age_stratified_sample(n_applied: int, k: int, seed: int) -> list[int]:
@@ -75,19 +74,25 @@ class RetentionProbe:
         return ProbeResult(metrics, rows)
 
 
-def _world_records(ctx: ProbeContext) -> list[EditRequest]:
+def _never_edited_world_facts(ctx: ProbeContext) -> list[tuple[str, str]]:
+    """(prompt, true object) for the world's facts about subjects that have no edit records (facts_mc.jsonl)."""
     if ctx.world is None:
         return []
-    from seqedit.data import load_requests
+    import json
 
-    return list(load_requests(ctx.world.counterfact_path, format="counterfact").requests)
+    path = Path(ctx.world.downstream_dir) / "facts_mc.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["question"], r["choices"][r["label"]]) for r in rows]
 
 
 @register_probe("unedited")
 class UneditedRecallProbe:
     """Top-1 recall (teacher-forced exact match) of the true object on facts whose subject was never edited: the
-    general-knowledge curve that drops when edits spill over. Uses a fixed sample of the world's records (or of
-    the stream's not-yet-applied requests for external data)."""
+    general-knowledge curve that drops when edits spill over. Uses a fixed sample of the world's facts about
+    subjects without edit records, or, for external data, requests whose subject is not in the planned stream
+    (falling back to not-yet-edited ones)."""
 
     name: ClassVar[str] = "unedited"
     cost: ClassVar[str] = "cheap"
@@ -99,20 +104,23 @@ class UneditedRecallProbe:
 
     def __init__(self, config: "UneditedRecallProbe.Config | None" = None) -> None:
         self.config = config or self.Config()
-        self._pool: list[EditRequest] | None = None
+        self._pool: list[tuple[str, ...]] | None = None  # (prompt, object[, subject])
 
     def __call__(self, ctx: ProbeContext) -> ProbeResult:
         if self._pool is None:
-            planned = {r.subject for r in ctx.stream}
-            pool = [r for r in (_world_records(ctx) or list(ctx.stream)) if r.target_true]
-            untouched = [r for r in pool if r.subject not in planned] or pool
+            facts = _never_edited_world_facts(ctx)
+            if not facts:
+                planned = {r.subject for r in ctx.stream}
+                reqs = [r for r in ctx.stream if r.target_true]
+                reqs = [r for r in reqs if r.subject not in planned] or reqs
+                facts = [(r.text, r.target_true, r.subject) for r in reqs]
             rng = random.Random(ctx.seed)
-            self._pool = rng.sample(untouched, min(self.config.sample, len(untouched)))
+            self._pool = rng.sample(facts, min(self.config.sample, len(facts)))
         edited = {r.subject for r in ctx.applied}
-        pool = [r for r in self._pool if r.subject not in edited]
+        pool = [f for f in self._pool if len(f) == 2 or f[2] not in edited]
         if not pool:
             return ProbeResult({"probe/unedited/recall": None, "probe/unedited/n": 0.0})
-        scores = score_targets(ctx.model, ctx.tokenizer, [r.text for r in pool], [r.target_true for r in pool],
+        scores = score_targets(ctx.model, ctx.tokenizer, [f[0] for f in pool], [f[1] for f in pool],
                                batch_size=self.config.batch_size)
         recall = sum(s.exact for s in scores) / len(scores)
         prob = sum(s.prob for s in scores) / len(scores)
