@@ -186,8 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
         _quiet_libraries()
+    from seqedit.signals import StopRequested
+
     try:
         return args.func(args)
+    except StopRequested as e:
+        print(f"seqedit: {e}; run state saved (status 'preempted')", file=sys.stderr)
+        return 128 + e.signum
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         if args.verbose:
             raise

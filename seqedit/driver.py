@@ -28,6 +28,7 @@ from seqedit.io import atomic_write_json, atomic_write_text, read_jsonl
 from seqedit.metrics import evaluate_requests, mean_of
 from seqedit.probe_api import ProbeContext, make_probe
 from seqedit.schedule import parse_schedule
+from seqedit.signals import StopRequested, graceful_stop
 from seqedit.telemetry import JsonlSink
 from seqedit.types import EditRequest
 from seqedit.wandb_sink import WandbSink
@@ -247,6 +248,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
     t_loop = time.perf_counter()
     last_beat = 0.0
     ok = False
+    stopper = graceful_stop()
+    stop = stopper.__enter__()
     try:
         for b in range(state.next_batch, len(batches)):
             batch = batches[b]
@@ -300,6 +303,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
                 _heartbeat(run_dir, state, len(stream), t_start, due, say)
             if (b + 1) % cfg.telemetry.state_every == 0:
                 state.save(run_dir)
+            stop.check()  # a SIGTERM/SIGUSR2/SIGINT during this edit stops here, at an edit boundary
         state.status = "finished"
         state.loop_seconds = time.perf_counter() - t_loop
         ok = True
@@ -307,13 +311,15 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
         state.status, state.message = "failed", str(e)
         sinks.alert(state.edits_done, "nonfinite", str(e))
         raise RunError(f"{e} (run state saved in {run_dir})") from e
-    except KeyboardInterrupt as e:
-        state.status, state.message = "preempted", repr(e)
+    except (KeyboardInterrupt, StopRequested) as e:
+        state.status, state.message = "preempted", str(e) or repr(e)
+        sinks.alert(state.edits_done, "preempted", state.message)
         raise
     except BaseException as e:
         state.status, state.message = "failed", repr(e)
         raise
     finally:
+        stopper.__exit__(None, None, None)
         bar.close()
         state.save(run_dir)
         _heartbeat(run_dir, state, len(stream), t_start, {}, None)

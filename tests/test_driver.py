@@ -217,3 +217,30 @@ def test_push_wandb_replays_jsonl(assets, tmp_path, monkeypatch):
     probes = read_jsonl(summary.run_dir / "telemetry" / "probes.jsonl")
     sent = sorted(r["log/seq"] for r in edits + probes)
     assert [h.get("log/seq") for h in history] == sent, (history, sent)
+
+
+def test_sigterm_stops_at_an_edit_boundary_with_state_saved(assets, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from seqedit.editors.noop import NoopEditor
+    from seqedit.signals import StopRequested
+
+    real = NoopEditor.compute
+    calls = {"n": 0}
+
+    def compute(self, model, tok, reqs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-edit
+        return real(self, model, tok, reqs)
+
+    monkeypatch.setattr(NoopEditor, "compute", compute)
+    with pytest.raises(StopRequested):
+        run(config(assets, tmp_path, "editor.name=noop", "n_edits=6"))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "preempted" and state["edits_done"] == 3 and state["next_batch"] == 3
+    assert len(read_jsonl(run_dir / "telemetry" / "edits.jsonl")) == 3
+    assert read_jsonl(run_dir / "telemetry" / "alerts.jsonl")[-1]["alert/kind"] == "preempted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
