@@ -217,16 +217,18 @@ class GenerationEntropyProbe:
         model, tok = ctx.model, ctx.tokenizer
         device = next(model.parameters()).device
         texts = []
+        limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048)
+        devices = [device] if device.type == "cuda" else []
         for i, prompt in enumerate(self._prompts):
             ids = torch.tensor([tok(prompt)["input_ids"]], device=device)
-            g = torch.Generator(device="cpu").manual_seed(ctx.seed * 7919 + i)
-            for _ in range(self.config.max_new_tokens):
-                logits = model(input_ids=ids).logits[0, -1].float().cpu()
-                top = torch.topk(logits, self.config.top_k)
-                probs = torch.softmax(top.values, -1)
-                nxt = top.indices[torch.multinomial(probs, 1, generator=g)]
-                ids = torch.cat([ids, nxt.to(device)[None]], dim=1)
-            texts.append(tok.decode(ids[0].tolist(), skip_special_tokens=True))
+            new = max(0, min(self.config.max_new_tokens, limit - ids.shape[1]))
+            # generate() samples from the global RNG: fork it so the run's RNG stream is untouched, seed per prompt.
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(ctx.seed * 7919 + i)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                     top_k=self.config.top_k, top_p=1.0, temperature=1.0, max_new_tokens=new,
+                                     min_new_tokens=new, pad_token_id=tok.pad_token_id)
+            texts.append(tok.decode(out[0].tolist(), skip_special_tokens=True))
         ent = [(2 / 3) * ngram_entropy(t, 2) + (4 / 3) * ngram_entropy(t, 3) for t in texts]
         rows = [{"prompt": p, "text": t, "entropy": e} for p, t, e in zip(self._prompts, texts, ent)]
         return ProbeResult({"probe/gen_entropy/entropy": sum(ent) / max(len(ent), 1)}, rows)
