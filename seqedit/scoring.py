@@ -67,7 +67,13 @@ def score_targets(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[TargetScore] = []
-    encoded = [(prompt_ids(tokenizer, p), target_ids(tokenizer, t)) for p, t in zip(prompts, targets)]
+    # One batched tokenizer call per side (fast tokenizers encode lists in Rust); same ids as prompt_ids/target_ids.
+    p_ids = tokenizer(list(prompts))["input_ids"] if prompts else []
+    t_ids = tokenizer([" " + t.lstrip(" ") for t in targets], add_special_tokens=False)["input_ids"] if targets else []
+    for t, ids in zip(targets, t_ids):
+        if not ids:
+            raise ValueError(f"target {t!r} tokenises to nothing")
+    encoded = [(list(p), list(t)) for p, t in zip(p_ids, t_ids)]
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         ids, mask = pad_batch([p + t for p, t in chunk], pad)

@@ -14,11 +14,19 @@ from torch import nn
 STAT_NAMES = ("delta_fro", "delta_sigma_max", "drift_fro", "drift_rel", "norm_fro", "nonfinite")
 
 
+GRAM_MAX_DIM = 1024  # up to here the exact Gram-matrix route is cheaper than power iteration
+
+
 def sigma_max(m: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None = None, iters: int = 30) -> float:
-    """Largest singular value: exact from rank-one factors, else a seeded power iteration on mᵀm."""
+    """Largest singular value: exact from rank-one factors; exact via the eigenvalues of the small Gram matrix when
+    one side is at most GRAM_MAX_DIM; else a seeded power iteration on mᵀm (huge matrices of real models)."""
     if factors is not None and factors[0].ndim >= 1 and (factors[0].ndim == 1 or factors[0].shape[1] == 1):
         left, right = (f.reshape(-1).double() for f in factors)
         return float(left.norm() * right.norm())
+    if min(m.shape) <= GRAM_MAX_DIM:
+        md = m.double()
+        gram = md.T @ md if m.shape[1] <= m.shape[0] else md @ md.T  # [k, k], k = min(shape)
+        return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
     m = m.double()
     if m.abs().max() == 0:
         return 0.0
@@ -61,12 +69,12 @@ class WeightTracker:
         out: dict[str, float] = {}
         for name, delta in deltas.items():
             w = model.get_parameter(name).detach()
-            drift = (w.double() - self.w0[name].double()).norm().item()
+            drift = float((w.float() - self.w0[name].float()).norm())
             prefix = f"weights/{name}/"
-            out[prefix + "delta_fro"] = float(delta.double().norm())
+            out[prefix + "delta_fro"] = float(delta.float().norm())
             out[prefix + "delta_sigma_max"] = sigma_max(delta, (factors or {}).get(name))
             out[prefix + "drift_fro"] = drift
             out[prefix + "drift_rel"] = drift / self.w0_norm[name] if self.w0_norm[name] else float("inf")
-            out[prefix + "norm_fro"] = float(w.double().norm())
+            out[prefix + "norm_fro"] = float(w.float().norm())
             out[prefix + "nonfinite"] = float((~torch.isfinite(w)).sum())
         return out
