@@ -77,14 +77,20 @@ def score_targets(
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         ids, mask = pad_batch([p + t for p, t in chunk], pad)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [b, pos, vocab]
-        logp = torch.log_softmax(logits, dim=-1)
-        for i, (p, t) in enumerate(chunk):
-            pos = torch.arange(len(p) - 1, len(p) + len(t) - 1, device=device)  # positions predicting the target
-            tgt = torch.tensor(t, device=device)
-            lp = logp[i, pos, tgt]
-            exact = bool((logp[i, pos].argmax(-1) == tgt).all())
-            out.append(TargetScore(float(lp.sum()), len(t), exact))
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [b, pos, vocab]
+        # Only the positions that predict a target token: one flat gather for the whole batch.
+        rows = [i for i, (_, t) in enumerate(chunk) for _ in t]
+        cols = [len(p) - 1 + j for p, t in chunk for j in range(len(t))]
+        tgt = torch.tensor([tok for _, t in chunk for tok in t], device=device)  # [n_target_tokens]
+        picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)].float()  # [n, vocab]
+        logp = torch.log_softmax(picked, dim=-1)
+        lp = logp.gather(1, tgt[:, None])[:, 0].tolist()
+        hit = (logp.argmax(-1) == tgt).tolist()
+        k = 0
+        for _, t in chunk:
+            n = len(t)
+            out.append(TargetScore(float(sum(lp[k : k + n])), n, all(hit[k : k + n])))
+            k += n
     return out
 
 
