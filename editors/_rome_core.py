@@ -25,7 +25,7 @@ from torch import nn
 
 from seqedit.archs import ArchSpec, get_module, is_conv1d, linear_weight, num_layers
 from seqedit.hooks import capture, capture_inputs, patch_output
-from seqedit.scoring import prompt_ids, target_ids
+from seqedit.scoring import pad_batch, prompt_ids, target_ids
 from seqedit.types import EditRequest
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,12 +99,7 @@ def subject_token_span(tokenizer: Any, template: str, subject: str) -> tuple[int
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask, both [len(rows), max_len] long tensors on `device`."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-        mask[i, : len(r)] = 1
+    ids, mask = pad_batch(rows, pad_id)
     return ids.to(device), mask.to(device)
 
 
