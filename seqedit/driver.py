@@ -248,83 +248,81 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
     t_loop = time.perf_counter()
     last_beat = 0.0
     ok = False
-    stopper = graceful_stop()
-    stop = stopper.__enter__()
-    try:
-        for b in range(state.next_batch, len(batches)):
-            batch = batches[b]
-            previous = state.edits_done
-            t0 = time.perf_counter()
-            proposal = editor.compute(model, tok, batch)
-            result = apply_proposal(model, proposal, declared)
-            edit_seconds = time.perf_counter() - t0
-            applied.extend(batch)
-            state.edits_done += len(batch)
-            state.next_batch = b + 1
+    with graceful_stop() as stop:  # SIGTERM/SIGUSR2/SIGINT: finish the current edit, then stop
+        try:
+            for b in range(state.next_batch, len(batches)):
+                batch = batches[b]
+                previous = state.edits_done
+                t0 = time.perf_counter()
+                proposal = editor.compute(model, tok, batch)
+                result = apply_proposal(model, proposal, declared)
+                edit_seconds = time.perf_counter() - t0
+                applied.extend(batch)
+                state.edits_done += len(batch)
+                state.next_batch = b + 1
 
-            record: dict[str, Any] = {
-                "edit/index": state.edits_done,  # edits applied so far: the x-axis of every curve
-                "edit/batch": b,
-                "edit/case_ids": [r.case_id for r in batch],
-                "edit/seconds": edit_seconds,
-                "system/rss_mb": rss_mb(),
-                "system/peak_memory_mb": peak_memory_mb(),
-            }
-            record.update({f"editor/{k}": v for k, v in result.stats.items()})
-            wstats = tracker.stats(model, result.deltas, result.factors)
-            record.update(wstats)
+                record: dict[str, Any] = {
+                    "edit/index": state.edits_done,  # edits applied so far: the x-axis of every curve
+                    "edit/batch": b,
+                    "edit/case_ids": [r.case_id for r in batch],
+                    "edit/seconds": edit_seconds,
+                    "system/rss_mb": rss_mb(),
+                    "system/peak_memory_mb": peak_memory_mb(),
+                }
+                record.update({f"editor/{k}": v for k, v in result.stats.items()})
+                wstats = tracker.stats(model, result.deltas, result.factors)
+                record.update(wstats)
 
-            # Disabling-edit early warning: one update far above the running median.
-            signals: set[str] = set()
-            state.update_norms.append(max((v for k, v in wstats.items() if k.endswith("/delta_fro")), default=0.0))
-            if is_spike(state.update_norms, cfg.telemetry.spike_factor, cfg.telemetry.spike_warmup):
-                signals.add("norm_spike")
-                record["edit/norm_spike"] = 1.0
-                sinks.alert(state.edits_done, "norm_spike",
-                            f"update norm {state.update_norms[-1]:.4g} >= {cfg.telemetry.spike_factor}x the running "
-                            f"median; case ids {record['edit/case_ids']}")
+                # Disabling-edit early warning: one update far above the running median.
+                signals: set[str] = set()
+                state.update_norms.append(max((v for k, v in wstats.items() if k.endswith("/delta_fro")), default=0.0))
+                if is_spike(state.update_norms, cfg.telemetry.spike_factor, cfg.telemetry.spike_warmup):
+                    signals.add("norm_spike")
+                    record["edit/norm_spike"] = 1.0
+                    message = (f"update norm {state.update_norms[-1]:.4g} >= {cfg.telemetry.spike_factor}x the "
+                               f"running median; case ids {record['edit/case_ids']}")
+                    sinks.alert(state.edits_done, "norm_spike", message)
 
-            if cfg.eval.immediate:
-                outcomes = evaluate_requests(model, tok, batch, **score)
-                immediate.extend(outcomes)
-                record.update({f"immediate/{k}": mean_of(outcomes, k) for k in SCORES})
-                record["eval/protocol"] = "immediate"
-            sinks.log("edits", record)
+                if cfg.eval.immediate:
+                    outcomes = evaluate_requests(model, tok, batch, **score)
+                    immediate.extend(outcomes)
+                    record.update({f"immediate/{k}": mean_of(outcomes, k) for k in SCORES})
+                    record["eval/protocol"] = "immediate"
+                sinks.log("edits", record)
 
-            bad = [k for k, v in wstats.items() if k.endswith("/nonfinite") and v > 0]
-            if bad:
-                raise NonFiniteDeltaError(f"non-finite weights after edit {state.edits_done}: {bad}")
+                bad = [k for k, v in wstats.items() if k.endswith("/nonfinite") and v > 0]
+                if bad:
+                    raise NonFiniteDeltaError(f"non-finite weights after edit {state.edits_done}: {bad}")
 
-            due = run_probes(state.edits_done, signals, previous)
-            bar.update(len(batch))
-            now = time.time()
-            if now - last_beat >= cfg.telemetry.heartbeat_seconds or b == len(batches) - 1:
-                last_beat = now
-                _heartbeat(run_dir, state, len(stream), t_start, due, say)
-            if (b + 1) % cfg.telemetry.state_every == 0:
-                state.save(run_dir)
-            stop.check()  # a SIGTERM/SIGUSR2/SIGINT during this edit stops here, at an edit boundary
-        state.status = "finished"
-        state.loop_seconds = time.perf_counter() - t_loop
-        ok = True
-    except NonFiniteDeltaError as e:
-        state.status, state.message = "failed", str(e)
-        sinks.alert(state.edits_done, "nonfinite", str(e))
-        raise RunError(f"{e} (run state saved in {run_dir})") from e
-    except (KeyboardInterrupt, StopRequested) as e:
-        state.status, state.message = "preempted", str(e) or repr(e)
-        sinks.alert(state.edits_done, "preempted", state.message)
-        raise
-    except BaseException as e:
-        state.status, state.message = "failed", repr(e)
-        raise
-    finally:
-        stopper.__exit__(None, None, None)
-        bar.close()
-        state.save(run_dir)
-        _heartbeat(run_dir, state, len(stream), t_start, {}, None)
-        if not ok:
-            sinks.close(ok=False)
+                due = run_probes(state.edits_done, signals, previous)
+                bar.update(len(batch))
+                now = time.time()
+                if now - last_beat >= cfg.telemetry.heartbeat_seconds or b == len(batches) - 1:
+                    last_beat = now
+                    _heartbeat(run_dir, state, len(stream), t_start, due, say)
+                if (b + 1) % cfg.telemetry.state_every == 0:
+                    state.save(run_dir)
+                stop.check()  # a SIGTERM/SIGUSR2/SIGINT during this edit stops here, at an edit boundary
+            state.status = "finished"
+            state.loop_seconds = time.perf_counter() - t_loop
+            ok = True
+        except NonFiniteDeltaError as e:
+            state.status, state.message = "failed", str(e)
+            sinks.alert(state.edits_done, "nonfinite", str(e))
+            raise RunError(f"{e} (run state saved in {run_dir})") from e
+        except (KeyboardInterrupt, StopRequested) as e:
+            state.status, state.message = "preempted", str(e) or repr(e)
+            sinks.alert(state.edits_done, "preempted", state.message)
+            raise
+        except BaseException as e:
+            state.status, state.message = "failed", repr(e)
+            raise
+        finally:
+            bar.close()
+            state.save(run_dir)
+            _heartbeat(run_dir, state, len(stream), t_start, {}, None)
+            if not ok:
+                sinks.close(ok=False)
 
     # -- final regime: every edit re-checked once after the last one -----------------------------------------
     metrics: dict[str, float | None] = {f"immediate/{k}": mean_of(immediate, k) for k in SCORES}
