@@ -70,12 +70,28 @@ def test_full_run_writes_streams_matrix_and_wandb(assets, tmp_path, monkeypatch)
     assert json.loads((d / "heartbeat.json").read_text())["state"] == "finished"
     assert (d / "config.yaml").read_text().startswith(f"# config_hash: {cfg.config_hash()}")
     # what reached wandb, read back from the offline run file
-    history = read_offline_history(find_offline_run_file(d))
+    history = _history_eventually(d)
     logged = [h for h in history if "immediate/efficacy" in h]
     assert [h["edit/index"] for h in logged] == [2, 4, 6, 8]
     w = "weights/transformer.h.0.mlp.c_proj.weight/delta_fro"
     assert [h[w] for h in logged] == pytest.approx([r[w] for r in edits])
     assert any("probe/retention/efficacy" in h for h in history)
+
+
+def _history_eventually(run_dir, timeout: float = 20.0) -> list[dict]:
+    """The wandb service writes the offline file asynchronously; a second run in the same process was seen to return
+    from finish() before its records reached the file. Poll until the history stops growing."""
+    import time
+
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        path = find_offline_run_file(run_dir)
+        history = read_offline_history(path) if path else []
+        if history and history == last:
+            return history
+        last = history
+        time.sleep(0.5)
+    return last or []
 
 
 def test_metric_keys_are_pinned(assets, tmp_path):
@@ -212,7 +228,7 @@ def test_push_wandb_replays_jsonl(assets, tmp_path, monkeypatch):
                          "probes=[{name: retention, schedule: 'every:1'}]"))
     assert not (summary.run_dir / "wandb").exists()  # wandb.mode=disabled during the run
     assert main(["push-wandb", str(summary.run_dir), "--mode", "offline"]) == 0
-    history = read_offline_history(find_offline_run_file(summary.run_dir))
+    history = _history_eventually(summary.run_dir)
     edits = read_jsonl(summary.run_dir / "telemetry" / "edits.jsonl")
     probes = read_jsonl(summary.run_dir / "telemetry" / "probes.jsonl")
     sent = sorted(r["log/seq"] for r in edits + probes)
