@@ -43,13 +43,10 @@ class RunError(RuntimeError):
 
 
 def default_cache_dir(configured: str | None = None) -> Path:
-    if configured:
-        return Path(configured).expanduser()
-    env = os.environ.get("SEQEDIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "seqedit"
+    """`cache_dir` from the config, else the same root `seqedit world build` uses."""
+    from seqedit.world.build import default_cache_dir as world_default
+
+    return Path(configured).expanduser() if configured else world_default()
 
 
 @dataclass

@@ -41,8 +41,12 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def default_cache_dir() -> Path:
+    """$SEQEDIT_CACHE, else $XDG_CACHE_HOME/seqedit, else ~/.cache/seqedit: the one cache root of every command."""
     env = os.environ.get("SEQEDIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "seqedit"
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "seqedit"
 
 
 def resolve_config(preset_or_cfg: str | WorldConfig) -> WorldConfig:
