@@ -37,13 +37,12 @@ def apply_proposal(model: nn.Module, proposal: EditProposal, allowed: list[str] 
     for name, delta in proposal.deltas.items():
         param = model.get_parameter(name)
         before[name] = param.detach().clone()
-        if param.dtype == torch.float32 or param.dtype == torch.float64:
+        if param.dtype in (torch.float32, torch.float64):
             param.add_(delta.to(device=param.device, dtype=param.dtype))
-        else:  # low precision: add in float32, round once
+            deltas[name] = param.detach() - before[name]
+        else:  # low precision: add in float32, round once; report the rounded change in float32
             param.copy_((param.float() + delta.to(device=param.device, dtype=torch.float32)).to(param.dtype))
-        deltas[name] = param.detach() - before[name] if param.dtype in (torch.float32, torch.float64) else (
-            param.detach().float() - before[name].float()
-        )
+            deltas[name] = param.detach().float() - before[name].float()
     return AppliedEdit(deltas=deltas, before=before, stats=dict(proposal.stats), factors=dict(proposal.factors))
 
 

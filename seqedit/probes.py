@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from seqedit.metrics import evaluate_requests, mean_of
-from seqedit.probe_api import PROBES, ProbeContext, ProbeResult, register_probe
+from seqedit.probe_api import ProbeContext, ProbeResult, register_probe
 from seqedit.scoring import pad_batch, score_targets
 
 
@@ -39,8 +38,22 @@ def age_stratified_sample(n_applied: int, k: int, seed: int) -> list[int]:
     return sorted(chosen[:k])
 
 
+class _ConfiguredProbe:
+    """Shared constructor: each probe's own frozen `Config`, defaults when none is given. Subclasses keep any
+    per-run caches (prompt pools, tokenised documents) as attributes initialised in `_setup`."""
+
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+        self._setup()
+
+    def _setup(self) -> None:
+        pass
+
+
 @register_probe("retention")
-class RetentionProbe:
+class RetentionProbe(_ConfiguredProbe):
     """Re-check earlier edits (all, or an age-stratified sample) on efficacy, paraphrase and neighbourhood.
     Rows feed the retention matrix (edit x check). No shortcut: forgotten edits are re-checked every time."""
 
@@ -53,9 +66,6 @@ class RetentionProbe:
         batch_size: int = 128  # prompts per forward pass (128 was fastest on world:small on 2 CPU cores)
         paraphrase: bool = True
         neighborhood: bool = True
-
-    def __init__(self, config: "RetentionProbe.Config | None" = None) -> None:
-        self.config = config or self.Config()
 
     def __call__(self, ctx: ProbeContext) -> ProbeResult:
         n = len(ctx.applied)
@@ -88,7 +98,7 @@ def _never_edited_world_facts(ctx: ProbeContext) -> list[tuple[str, str]]:
 
 
 @register_probe("unedited")
-class UneditedRecallProbe:
+class UneditedRecallProbe(_ConfiguredProbe):
     """Top-1 recall (teacher-forced exact match) of the true object on facts whose subject was never edited: the
     general-knowledge curve that drops when edits spill over. Uses a fixed sample of the world's facts about
     subjects without edit records, or, for external data, requests whose subject is not in the planned stream
@@ -102,8 +112,7 @@ class UneditedRecallProbe:
         sample: int = 200
         batch_size: int = 64
 
-    def __init__(self, config: "UneditedRecallProbe.Config | None" = None) -> None:
-        self.config = config or self.Config()
+    def _setup(self) -> None:
         self._pool: list[tuple[str, ...]] | None = None  # (prompt, object[, subject])
 
     def __call__(self, ctx: ProbeContext) -> ProbeResult:
@@ -129,7 +138,7 @@ class UneditedRecallProbe:
 
 
 @register_probe("perplexity")
-class PerplexityProbe:
+class PerplexityProbe(_ConfiguredProbe):
     """Token perplexity of held-out text (the world's heldout.txt, or `path`), first `max_docs` lines."""
 
     name: ClassVar[str] = "perplexity"
@@ -141,8 +150,7 @@ class PerplexityProbe:
         max_docs: int = 200
         batch_size: int = 32
 
-    def __init__(self, config: "PerplexityProbe.Config | None" = None) -> None:
-        self.config = config or self.Config()
+    def _setup(self) -> None:
         self._docs: list[list[int]] | None = None
 
     def _load(self, ctx: ProbeContext) -> list[list[int]]:
@@ -188,7 +196,7 @@ def ngram_entropy(text: str, n: int) -> float:
 
 
 @register_probe("gen_entropy")
-class GenerationEntropyProbe:
+class GenerationEntropyProbe(_ConfiguredProbe):
     """CounterFact's fluency: generate from fixed prompts (seeded top-k sampling) and report the weighted n-gram
     entropy mean(2/3·H2 + 4/3·H3); a collapsed model repeats itself and this drops."""
 
@@ -201,8 +209,7 @@ class GenerationEntropyProbe:
         max_new_tokens: int = 40
         top_k: int = 5
 
-    def __init__(self, config: "GenerationEntropyProbe.Config | None" = None) -> None:
-        self.config = config or self.Config()
+    def _setup(self) -> None:
         self._prompts: list[str] | None = None
 
     @torch.no_grad()
@@ -235,7 +242,7 @@ class GenerationEntropyProbe:
 
 
 @register_probe("spectrum")
-class SpectrumProbe:
+class SpectrumProbe(_ConfiguredProbe):
     """σ_max and condition number of each edited matrix W_t (full SVD; on a schedule, not every edit)."""
 
     name: ClassVar[str] = "spectrum"
@@ -244,9 +251,6 @@ class SpectrumProbe:
     @dataclass(frozen=True)
     class Config:
         pass
-
-    def __init__(self, config: Any = None) -> None:
-        self.config = config or self.Config()
 
     @torch.no_grad()
     def __call__(self, ctx: ProbeContext) -> ProbeResult:
@@ -262,6 +266,3 @@ class SpectrumProbe:
             out[f"weights/{name}/cond"] = float(s[0] / s[-1]) if s[-1] > 0 else float("inf")
         return ProbeResult(out)
 
-
-def builtin_probe_names() -> Sequence[str]:
-    return PROBES.names()

@@ -93,16 +93,3 @@ def score_targets(
             k += n
     return out
 
-
-def compare_pairs(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    first: Sequence[str],
-    second: Sequence[str],
-    batch_size: int = 64,
-) -> tuple[list[TargetScore], list[TargetScore]]:
-    """Score two candidate continuations per prompt in one batched pass."""
-    n = len(prompts)
-    scores = score_targets(model, tokenizer, list(prompts) * 2, list(first) + list(second), batch_size)
-    return scores[:n], scores[n:]
