@@ -239,6 +239,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
     # -- the loop ------------------------------------------------------------------------------------------------
     batches = [stream[i : i + cfg.batch_size] for i in range(0, len(stream), cfg.batch_size)]
     immediate: list = []
+    edit_seconds_all: list[float] = []
     state.status = "running"
     state.save(run_dir)
     bar = _progress_bar(len(stream))
@@ -254,6 +255,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
                 proposal = editor.compute(model, tok, batch)
                 result = apply_proposal(model, proposal, declared)
                 edit_seconds = time.perf_counter() - t0
+                edit_seconds_all.append(edit_seconds)
                 applied.extend(batch)
                 state.edits_done += len(batch)
                 state.next_batch = b + 1
@@ -334,8 +336,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
     sinks.close(ok=True)
     state.save(run_dir)
     write_retention_matrix(run_dir)
-    rows = read_jsonl(run_dir / "telemetry" / "edits.jsonl")
-    metrics["edit/seconds_mean"] = sum(r["edit/seconds"] for r in rows) / len(rows) if rows else None
+    metrics["edit/seconds_mean"] = sum(edit_seconds_all) / len(edit_seconds_all) if edit_seconds_all else None
     summary = RunSummary(run_dir, run_dir.name, state.status, state.edits_done, time.perf_counter() - t_start,
                          metrics)
     atomic_write_json(run_dir / "summary.json", {**dataclasses.asdict(summary), "run_dir": str(run_dir),
