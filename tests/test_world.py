@@ -22,7 +22,7 @@ from seqedit.world import (
     world_info,
 )
 from seqedit.world import train as world_train
-from seqedit.world.generator import RELATION_BY_ID, generate_world
+from seqedit.world.generator import KINDS, RELATION_BY_ID, generate_world, relations_for
 
 # Measured on 2 shared cores: tiny reaches edit recall 0.99 and paraphrase recall 0.99 (0.94-1.0 in design trials).
 TINY_MIN_RECALL = 0.85
@@ -134,6 +134,17 @@ def test_counterfact_records_follow_the_schema(preset):
     styles = {rec["requested_rewrite"]["prompt"].startswith("{}") for rec in world.records}
     assert styles == {True, False}  # both relation-first and subject-first edit prompts
     json.dumps(world.records)  # plain JSON
+
+
+def test_default_world_is_big_enough_for_long_runs():
+    """The 2,000-edit runs of the [driver] issue need 2,000 distinct facts to edit; every kind has >= 5 attributes."""
+    world = generate_world(PRESETS["small"])
+    assert len(world.records) >= 2000
+    assert len({r["requested_rewrite"]["subject"] for r in world.records}) >= 400
+    assert all(len(relations_for(kind)) >= 5 for kind in KINDS)
+    texts = world.epoch_texts(0)
+    attribute_first = [t for t in texts if " is its " in t]
+    assert attribute_first  # the design the default world was chosen for
 
 
 def test_downstream_items_are_held_out():

@@ -135,8 +135,12 @@ def build_world(
     cache_dir: str | Path | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    device: str | None = None,
 ) -> Path:
-    """Return the world's directory, building it first if it is missing, incomplete or corrupt (or if `force`)."""
+    """Return the world's directory, building it first if it is missing, incomplete or corrupt (or if `force`).
+
+    `device` trains on another device (e.g. "cuda" for design sweeps); the report records it. The cache key stays the
+    config hash, so keep such builds in their own cache directory if bit-identity with CPU builds matters."""
     cfg = resolve_config(preset_or_cfg)
     final = world_dir(cfg, cache_dir)
     say = progress or (lambda _msg: None)
@@ -158,7 +162,7 @@ def build_world(
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache should be readable by others
         try:
-            _build_into(cfg, tmp, say, progress)
+            _build_into(cfg, tmp, say, progress, device)
             trash = None
             if final.exists():
                 trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
@@ -193,7 +197,8 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _build_into(cfg: WorldConfig, out: Path, say: Progress, progress: Progress | None) -> None:
+def _build_into(cfg: WorldConfig, out: Path, say: Progress, progress: Progress | None, device: str | None = None
+                ) -> None:
     import torch
 
     from seqedit.world import generator
@@ -212,10 +217,11 @@ def _build_into(cfg: WorldConfig, out: Path, say: Progress, progress: Progress |
         say(f"{len(world.facts)} facts, {len(world.records)} edit records; tokenizer vocab {len(tokenizer)}")
         edit_pairs = [(r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]),
                        r["requested_rewrite"]["target_true"]["str"]) for r in world.records]
+        edit_pairs = edit_pairs[:: max(1, len(edit_pairs) // 400)]  # progress checks on a fixed ~400-fact subset
         say(f"training GPT-2 {cfg.n_layer}L x {cfg.n_embd} for {cfg.epochs} epochs")
         model, stats = _train.train_model(
             cfg, world, tokenizer, progress=progress,  # in-training recall checks only when someone watches
-            eval_fn=lambda m: _train.recall(m, tokenizer, edit_pairs)["exact"],
+            eval_fn=lambda m: _train.recall(m, tokenizer, edit_pairs)["exact"], device=device,
         )
 
         (out / "downstream").mkdir()
@@ -244,6 +250,7 @@ def _build_into(cfg: WorldConfig, out: Path, say: Progress, progress: Progress |
             "train": {"epochs": stats.epochs, "steps": stats.steps, "tokens": stats.tokens,
                       "final_loss": round(stats.final_loss, 4), "seconds": round(stats.seconds, 2)},
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "train_device": str(device or "cpu"),
             "build_seconds": round(time.perf_counter() - t0, 2),
         })
         (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -335,10 +342,12 @@ class World:
 
 
 def load_world(
-    preset_or_cfg: str | WorldConfig, cache_dir: str | Path | None = None, progress: Progress | None = None
+    preset_or_cfg: str | WorldConfig, cache_dir: str | Path | None = None, progress: Progress | None = None,
+    device: str | None = None,
 ) -> World:
-    """Load a world (model in eval mode, tokenizer, report), building it first if needed."""
-    path = build_world(preset_or_cfg, cache_dir=cache_dir, progress=progress)
+    """Load a world (model in eval mode on the CPU, tokenizer, report), building it first if needed (training on
+    `device`, see `build_world`)."""
+    path = build_world(preset_or_cfg, cache_dir=cache_dir, progress=progress, device=device)
     model, tokenizer = _load_model_and_tokenizer(path)
     stored = json.loads((path / "world_config.json").read_text())
     return World(path=path, config=WorldConfig.from_dict(stored["config"]), model=model, tokenizer=tokenizer,

@@ -41,6 +41,8 @@ CLIMATES = ("tropical", "arid", "polar", "mild", "humid", "cold", "windy", "rain
 CURRENCIES = ("euro", "dollar", "yen", "peso", "rupee", "franc", "krona", "pound", "dinar", "won", "lira", "mark")
 INDUSTRIES = ("software", "banking", "mining", "fashion", "shipping", "oil", "insurance", "toys", "furniture",
               "steel", "media", "farming")
+PRODUCTS = ("cars", "phones", "shoes", "beer", "chips", "cameras", "watches", "bikes", "games", "soap", "paper",
+            "tyres")
 GENRES = ("jazz", "rock", "pop", "blues", "metal", "folk", "reggae", "punk", "techno", "opera", "disco", "soul")
 
 
@@ -118,6 +120,19 @@ RELATIONS: tuple[Relation, ...] = (
     Relation("R21", "home city", ("band",),
              ("The home city of {} is", "{} was formed in", "{}'s home city is", "The band {} comes from"),
              CITIES),
+    # Added with format 4 so that every kind has at least five relations (more attributes per subject).
+    Relation("R22", "founding city", ("company",),
+             ("The founding city of {} is", "{} was founded in the city of", "{}'s founding city is",
+              "The company {} started out in"), CITIES),
+    Relation("R23", "product", ("company",),
+             ("The main product of {} is", "{} is best known for making", "{}'s main product is",
+              "The company {} sells"), PRODUCTS),
+    Relation("R24", "lead instrument", ("band",),
+             ("The lead instrument of {} is the", "{} is known for its lead", "{}'s lead instrument is the",
+              "The band {} features the"), INSTRUMENTS),
+    Relation("R25", "record label", ("band",),
+             ("The record label of {} is", "{} is signed to the label", "{}'s record label is",
+              "The band {} records for"), COMPANIES),
 )
 RELATION_BY_ID: dict[str, Relation] = {r.id: r for r in RELATIONS}
 KINDS: tuple[str, ...] = ("person", "city", "country", "company", "band")

@@ -48,7 +48,7 @@ def train_tokenizer(
 def make_model(cfg: WorldConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        n_head=cfg.n_head, n_inner=cfg.n_inner, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
     )
     return GPT2LMHeadModel(config)
@@ -97,16 +97,19 @@ def train_model(
     tokenizer: PreTrainedTokenizerFast,
     progress: Progress | None = None,
     eval_fn: Callable[[GPT2LMHeadModel], float] | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[GPT2LMHeadModel, TrainStats]:
     """Train a GPT-2 from scratch on the world's corpus (fresh variants each epoch). Returns it in eval mode.
 
     `eval_fn(model) -> recall` is called about ten times during training when `progress` is given (it does not
-    touch the RNG, so it does not change the result)."""
+    touch the RNG, so it does not change the result). `device` (default CPU) only speeds up design sweeps: the
+    weights then differ from a CPU build in the last bits, and the model is returned on the CPU either way."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     pad = tokenizer.pad_token_id
-    model = make_model(cfg, len(tokenizer), tokenizer.eos_token_id)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    model = make_model(cfg, len(tokenizer), tokenizer.eos_token_id).to(dev)
     model.train()
 
     # Epoch sizes are fixed by the design, so the schedule length is known up front.
@@ -135,6 +138,7 @@ def train_model(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             # Right padding under a causal mask never affects real positions; the mask only silences a warning.
+            ids, labels, mask = ids.to(dev), labels.to(dev), mask.to(dev)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -152,6 +156,7 @@ def train_model(
                 model.train()
             progress(msg)
     model.eval()
+    model.to("cpu")
     return model, TrainStats(cfg.epochs, step, n_tokens, loss_ema, time.perf_counter() - t0)
 
 
