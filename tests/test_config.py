@@ -58,3 +58,21 @@ def test_shipped_default_config_loads():
 
     cfg = load_config(default_config_path())
     assert cfg.model.name == "world:small" and cfg.data.source == "world"
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "long_2000.yaml"])
+def test_example_configs_load_and_name_real_probes_and_editors(name):
+    from pathlib import Path
+
+    from seqedit.editors.base import make_editor
+    from seqedit.probe_api import make_probe
+    from seqedit.schedule import parse_schedule
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "runs" / "configs" / name)
+    make_editor(cfg.editor.name, cfg.editor.options)  # name and options resolve
+    for spec in cfg.probes:
+        make_probe(spec.name, spec.options)
+        parse_schedule(spec.schedule)
+    if name == "long_2000.yaml":
+        assert cfg.n_edits == 2000 and cfg.wandb.mode == "offline"
+        assert {(p.name, p.schedule) for p in cfg.probes} >= {("retention", "every:100")}
