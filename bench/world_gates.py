@@ -113,14 +113,18 @@ def gate_sequential(model, tok, world, requests, layer, n, options, tmp: Path, e
     curve = [(0, _recall(model, tok, pairs))]
     start = curve[0][1]
     rel, spikes, applied_reqs, gradual, key_cos = [], [], [], None, []
+    max_ratio = 0.0  # largest ||dW|| / running median of the earlier ones
+    # relative to the *unedited* matrix: rome/update_rel divides by the current ||W||, which grows as edits pile up
+    w0_norm = sum(float(model.get_parameter(n).norm()) ** 2 for n in editor.params(model)) ** 0.5
     t0 = time.perf_counter()
     try:
         for i, r in enumerate(requests[:n], start=1):
             proposal = editor.compute(model, tok, [r])
-            u = float(proposal.stats["rome/update_rel"])
             fro = float(proposal.stats["rome/update_fro"])
+            u = fro / w0_norm
             if rel and len(rel) >= 10:
                 med = statistics.median(x[1] for x in rel)
+                max_ratio = max(max_ratio, fro / med)
                 if fro >= SPIKE_FACTOR * med:
                     spikes.append({"edit": i, "update_fro": fro, "x_median": fro / med})
             rel.append((u, fro))
@@ -135,6 +139,7 @@ def gate_sequential(model, tok, world, requests, layer, n, options, tmp: Path, e
             if time.time() > deadline:
                 break
         retention = mean_of(evaluate_requests(model, tok, applied_reqs, neighborhood=False), "efficacy")
+        drift = sum(float((model.get_parameter(n) - saved[n]).norm()) ** 2 for n in editor.params(model)) ** 0.5
     finally:
         model.load_state_dict(saved)
     rels = [x[0] for x in rel]
@@ -142,7 +147,8 @@ def gate_sequential(model, tok, world, requests, layer, n, options, tmp: Path, e
         "editor": editor_name, "edits": len(rel), "seconds_per_edit": (time.perf_counter() - t0) / max(1, len(rel)),
         "unedited_recall_curve": curve, "edits_before_recall_below_80pct": gradual,
         "median_update_rel": statistics.median(rels) if rels else math.nan,
-        "max_update_rel": max(rels) if rels else math.nan, "spikes": spikes, "final_retention": retention,
+        "max_update_rel": max(rels) if rels else math.nan, "spikes": spikes, "max_x_running_median": max_ratio,
+        "final_retention": retention, "final_drift_rel": drift / w0_norm,  # ||W_n - W0|| / ||W0||
         "update_rel_by_100": [statistics.median(rels[i:i + 100]) for i in range(0, len(rels), 100)],
         # cos(k*, k_raw): ROME's disabling edits need the template-mean and bare-prompt keys to disagree
         "key_cos_min": min(key_cos) if key_cos else math.nan,
@@ -207,11 +213,14 @@ def format_gates(g: dict[str, Any]) -> str:
             curve = " ".join(f"{i}:{r:.2f}" for i, r in q["unedited_recall_curve"])
             lines.append(f"gate {n} sequential {q['editor']} x{q['edits']} ({q['seconds_per_edit']:.2f} s/edit): "
                          f"unedited recall {curve}; below 80% of start after "
-                         f"{q['edits_before_recall_below_80pct']} edits; median/max ||dW||/||W0|| "
+                         f"{q['edits_before_recall_below_80pct']} edits; median/max ||dW||/||W0|| (unedited W0) "
                          f"{q['median_update_rel']:.3f}/{q['max_update_rel']:.3f}; per-100 medians "
                          f"{[round(x, 3) for x in q['update_rel_by_100']]}; {len(q['spikes'])} updates >= "
-                         f"{SPIKE_FACTOR:g}x running median {q['spikes'][:5]}; cos(k*, k_raw) min/median "
-                         f"{q['key_cos_min']:.3f}/{q['key_cos_median']:.3f}; retention of applied edits "
+                         f"{SPIKE_FACTOR:g}x running median {q['spikes'][:5]} (largest "
+                         f"{q['max_x_running_median']:.1f}x); cos(k*, k_raw) min/median "
+                         f"{q['key_cos_min']:.3f}/{q['key_cos_median']:.3f}; "
+                         f"||W_n - W0||/||W0|| {q['final_drift_rel']:.2f}; "
+                         f"retention of applied edits "
                          f"{q['final_retention']:.3f}"
                          + ("" if q["pass"] is None else f" -> {'PASS' if q['pass'] else 'FAIL'}"))
     return "\n".join(lines)

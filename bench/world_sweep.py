@@ -1,6 +1,7 @@
 """Run `world_gates.py` over many world/editor design variants in parallel, one process each.
 
-    .venv/bin/python bench/world_sweep.py bench/world_variants.json --out sweep.json --device cuda --minutes 8
+    .venv/bin/python bench/world_sweep.py bench/world_variants.json --out sweep.json \
+        --device cuda --minutes 8
 
 The variants file maps a name to {"world": <WorldConfig fields>, "options": <r-ROME overrides>, "layer": int,
 "gates": <world_gates.py flags>} ("base" holds world fields and "gates" flags shared by all; variants with the same world share one
@@ -31,7 +32,8 @@ def summary_line(name: str, g: dict) -> str:
              f"tok {rep.get('train', {}).get('tokens')}", f"rec {rep.get('n_records')}"]
     if "trace" in g:
         t = g["trace"]
-        parts.append(f"share {[round(x, 2) for x in t['grad_share']]} slast {[round(x, 2) for x in t['hidden_subject_last']]}")
+        parts.append(f"share {[round(x, 2) for x in t['grad_share']]} "
+                     f"slast {[round(x, 2) for x in t['hidden_subject_last']]}")
     if "single" in g:
         s = g["single"]
         parts.append(f"single eff {s['efficacy']:.2f} para {s['paraphrase']:.2f} nbr {s['neighborhood']:.2f} "
