@@ -5,8 +5,8 @@
 
 The variants file maps a name to {"world": <WorldConfig fields>, "options": <r-ROME overrides>, "layer": int,
 "gates": <world_gates.py flags>} ("base" holds world fields and "gates" flags shared by all; variants with the same
-world share one build through the cache lock). Every few seconds the figures gathered so far are merged into `--out`, so a sweep
-cut off at its time limit still reports whatever finished. Summary lines go to stdout.
+world share one build through the cache lock). Every few seconds the figures gathered so far are merged into
+`--out`, so a sweep cut off at its time limit still reports whatever finished. Summary lines go to stdout.
 """
 from __future__ import annotations
 
