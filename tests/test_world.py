@@ -245,6 +245,7 @@ def test_tiny_world_tokenizer_convention(tiny_world):
     lens = [len(tok(" " + s, add_special_tokens=False)["input_ids"]) for s in subjects]
     assert 2.0 <= sum(lens) / len(lens) <= 4.0 and min(lens) >= 2
     assert tiny_world.report["subject_tokens_mean"] >= 2.0
+    assert tiny_world.report["train_device"] == "cpu" and tiny_world.report["torch_threads"] == 1
 
 
 def test_cached_world_is_reused_without_training(tiny_world, monkeypatch):

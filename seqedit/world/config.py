@@ -174,12 +174,14 @@ PRESETS: dict[str, WorldConfig] = {
         epochs=80, batch_size=24, arithmetic_max=9, arithmetic_heldout_fraction=0.5, ordering_max_len=3,
         n_ordering_mc=80, corpus=CorpusDesign(max_pack=3, ordering_lines_per_epoch=200),
     ),
-    # Default for runs: 4 layers x 128, 2,800 facts (2,380 edit records), about 4-5 minutes on 2 free cores. Chosen by
+    # Default for runs: 4 layers x 128, 2,800 facts (2,380 edit records), about 6.5 minutes on 2 free cores. Chosen by
     # the design sweep in bench/world_variants.json (issue [world]): attribute-first sentences ("{s} {object} is its
     # {relation}.") make the subject's last token predict its attributes before any relation word, which raised the
-    # gradient share at the subject's last token and single r-ROME efficacy (0.59 -> 0.93) over plain sentences.
+    # gradient share at the subject's last token and single r-ROME efficacy over plain sentences (GPU-built sweep,
+    # 80 edits: 0.59 -> 0.93; this CPU build: 0.86 on 100 edits, bench/world_gates.py).
     "small": WorldConfig(
         name="small", n_subjects=560, relations_per_subject=5, mc_subject_fraction=0.15, lr=5e-3, epochs=45,
+        # 2 threads: 1.7x faster than 1 on an idle 2-core machine (the first `seqedit run` builds it alone).
         batch_size=32, torch_threads=2,
         corpus=CorpusDesign(max_pack=3, ordering_lines_per_epoch=300, attribute_first=True),
     ),
