@@ -28,6 +28,8 @@ import torch
 
 from seqedit.apply import apply_proposal, revert
 from seqedit.data import load_requests, order_requests
+from seqedit.archs import arch_for
+from seqedit.editors._rome_core import subject_keys
 from seqedit.editors.base import EditorContext, get_editor
 from seqedit.metrics import evaluate_requests, mean_of
 from seqedit.scoring import score_targets
@@ -77,6 +79,26 @@ def gate_trace(model, tok, requests, layer: int, n: int) -> dict[str, Any]:
         "pass": bool(share and share[layer] >= GRAD_SHARE_MIN and 0 <= peak_layer < max(1, res.n_layers - 1)),
         "table": res.format_tables(),
     }
+
+
+def key_interference(model, tok, world, requests, layer, n, tmp: Path) -> dict[str, Any]:
+    """How much a rank-one ROME update written for key k_i moves the output at another subject's key k_j, relative to
+    its own: |u_i.k_j| / |u_i.k_i| with u = C^-1 k (bare-prompt keys). Each edit adds about this fraction of its
+    residual v* - Wk to every other fact, so it bounds how many sequential edits the other facts survive; for keys that
+    look random after whitening it is about 1/sqrt(d_ff)."""
+    editor = _editor("r-rome", model, tok, world, layer, {}, tmp / "interference", tmp / "stats")
+    reqs = requests[:n]
+    keys = subject_keys(model, tok, arch_for(model).mlp_out(layer), [r.prompt for r in reqs],
+                        [r.subject for r in reqs]).double()  # [n, d_ff]
+    solver = editor.solver(model, tok, layer)
+    u = torch.stack([solver.solve(k.float()).double() for k in keys])  # [n, d_ff]
+    dots = u @ keys.T  # [i, j] = u_i . k_j
+    ratio = dots / dots.diag()[:, None]
+    other = torch.tensor([[a.subject != b.subject for b in reqs] for a in reqs])
+    vals = ratio[other]
+    return {"n": len(reqs), "d_ff": keys.shape[1], "median_abs": float(vals.abs().median()),
+            "mean_abs": float(vals.abs().mean()), "mean_signed": float(vals.mean()),
+            "inv_sqrt_d_ff": keys.shape[1] ** -0.5}
 
 
 def gate_single(model, tok, world, requests, layer, n, options, tmp: Path, deadline: float = math.inf
@@ -175,6 +197,7 @@ def run_gates(world, *, layer: int, n_trace: int, n_single: int, n_seq: int, n_r
         out["trace"] = gate_trace(model, tok, requests, layer, n_trace)
         update(out)
     if n_single:
+        out["interference"] = key_interference(model, tok, world, requests, layer, min(300, len(requests)), tmp)
         out["single"] = gate_single(model, tok, world, requests, layer, n_single, options, tmp, deadline)
         update(out)
     # r-ROME gets 60% of what is left, ROME the rest
@@ -200,6 +223,11 @@ def format_gates(g: dict[str, Any]) -> str:
                      f"(at layer {g['layer']}: {t['grad_share_at_layer']:.3f}, need >= {GRAD_SHARE_MIN}); "
                      f"subject-last restoration {[round(x, 3) for x in t['hidden_subject_last']]} peaks at layer "
                      f"{t['subject_last_peak_layer']}; mlp peak {t['mlp_peak']} -> {'PASS' if t['pass'] else 'FAIL'}")
+    if "interference" in g:
+        i = g["interference"]
+        lines.append(f"key interference |u_i.k_j|/|u_i.k_i| over {i['n']} edit keys, other subjects: median "
+                     f"{i['median_abs']:.3f}, mean {i['mean_abs']:.3f}, signed mean {i['mean_signed']:.3f} "
+                     f"(1/sqrt(d_ff={i['d_ff']}) = {i['inv_sqrt_d_ff']:.3f})")
     if "single" in g:
         s = g["single"]
         lines.append(f"gate 2 single r-ROME x{s['n']}: efficacy {s['efficacy']:.3f} (unedited "

@@ -33,6 +33,8 @@ def test_world_gates_measure_and_restore(tiny_world, tmp_path):  # noqa: F811
                      tmp=tmp_path, device="cpu", check_every=3, on_update=lambda p: updates.append(sorted(p)))
     assert all(torch.equal(before[k], v) for k, v in world.model.state_dict().items())  # restored
     assert len(g["trace"]["grad_share"]) == world.config.n_layer and g["trace"]["facts_used"] > 0
+    i = g["interference"]
+    assert i["d_ff"] == 4 * world.config.n_embd and 0 < i["median_abs"] and i["mean_abs"] >= abs(i["mean_signed"])
     s = g["single"]
     assert s["n"] == 4 and all(0.0 <= s[k] <= 1.0 for k in ("efficacy", "paraphrase", "neighborhood"))
     assert s["median_update_rel"] > 0
