@@ -308,10 +308,11 @@ def test_request_prompt_with_subject_at_the_end(tok, text, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue [world]: world:small (format 4) gives r-ROME single-edit efficacy 0.86 "
-                   "(100 edits, bench/world_gates.py), below 0.9; strict, so it fails loudly once a world passes")
 def test_r_rome_single_edits_on_the_world_model(tmp_path):
     """100 independent single r-ROME edits: efficacy >= 0.9, paraphrase above the unedited model, neighbours kept.
+
+    40 v* steps instead of the published 20: on world:small (format 4) 20 steps reach efficacy 0.86, 40 reach 0.95
+    (paraphrase 0.94, neighbourhood 0.991; bench/world_gates.py), at a median ||dW||/||W0|| of 0.19 instead of 0.16.
 
     The preset comes from $SEQEDIT_ROME_WORLD (default "small", the world of `seqedit run`); it is built on first use
     (about 6.5 minutes for small on 2 cores)."""
@@ -329,7 +330,7 @@ def test_r_rome_single_edits_on_the_world_model(tmp_path):
     model, tok = w.model, w.tokenizer
     reqs = list(load_requests(w.counterfact_path).requests)[:100]
     base = evaluate_requests(model, tok, reqs)
-    editor = get_editor("r-rome")(get_editor("r-rome").Config(v_weight_decay=1e-3))
+    editor = get_editor("r-rome")(get_editor("r-rome").Config(layers=(0,), v_num_grad_steps=40))
     editor.prepare(model, tok, EditorContext.for_model(model, seed=0, run_dir=tmp_path, cache_dir=tmp_path / "cache",
                                                        stats_text=(w.heldout_path,)))
     outcomes = []
