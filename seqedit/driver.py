@@ -4,7 +4,7 @@
     baseline probes
     for each batch: editor.compute -> apply -> weight telemetry -> spike signal -> immediate scores
                     -> due probes -> JSONL (+ wandb) -> heartbeat / state
-    final scores -> retention matrix -> summary.json
+    final scores -> retention matrix (+ wandb table and files) -> summary.json
 
 Every side effect is visible here; probes, schedules, telemetry and sinks are small modules this file calls. All run
 state lives in `RunState` so it can be saved and restored whole.
@@ -333,9 +333,10 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
         sinks.log("probes", {"edit/index": state.edits_done, "probe/name": "final", "eval/protocol": "final",
                              **{k: v for k, v in metrics.items() if k.startswith("final/")}})
     metrics.update(baseline)
+    write_retention_matrix(run_dir)
+    sinks.wandb.attach_outputs(run_dir, state.edits_done)
     sinks.close(ok=True)
     state.save(run_dir)
-    write_retention_matrix(run_dir)
     metrics["edit/seconds_mean"] = sum(edit_seconds_all) / len(edit_seconds_all) if edit_seconds_all else None
     summary = RunSummary(run_dir, run_dir.name, state.status, state.edits_done, time.perf_counter() - t_start,
                          metrics)

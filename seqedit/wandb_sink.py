@@ -80,6 +80,27 @@ class WandbSink:
         except Exception as e:  # noqa: BLE001
             self._fail("alert", e)
 
+    def attach_outputs(self, run_dir: Path, edit_index: int) -> None:
+        """Put the run's end products into wandb: the retention matrix as a table (`retention/matrix`, logged at the
+        last edit index) and the local files themselves (JSONL streams, matrix CSV, summary) in the run's files."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            matrix = run_dir / "retention_matrix.csv"
+            if matrix.is_file():
+                import pandas as pd
+
+                df = pd.read_csv(matrix)
+                df.columns = [str(c) for c in df.columns]
+                self.run.log({"edit/index": edit_index, "retention/matrix": wandb.Table(dataframe=df)})
+            for path in [matrix, run_dir / "summary.json", *sorted((run_dir / "telemetry").glob("*.jsonl"))]:
+                if path.is_file():
+                    self.run.save(str(path), base_path=str(run_dir), policy="now")
+        except Exception as e:  # noqa: BLE001
+            self._fail("attach", e)
+
     def close(self, exit_code: int = 0) -> None:
         if self.run is None:
             return
@@ -182,6 +203,7 @@ def push_wandb(run_dir: str | Path, *, mode: str = "online", project: str | None
         raise RuntimeError("wandb could not be initialised; see the warning above")
     for _, stream, record in records:
         sink.log(stream, record)
+    sink.attach_outputs(run_dir, int(state.get("edits_done", 0)))
     sink.close()
     if sink.failed:
         raise RuntimeError("wandb failed while pushing; the local JSONL is unchanged, retry later")

@@ -76,6 +76,13 @@ def test_full_run_writes_streams_matrix_and_wandb(assets, tmp_path, monkeypatch)
     w = "weights/transformer.h.0.mlp.c_proj.weight/delta_fro"
     assert [h[w] for h in logged] == pytest.approx([r[w] for r in edits])
     assert any("probe/retention/efficacy" in h for h in history)
+    # the end products are in the wandb run too: the matrix as a table, the local files among the run's files
+    table = next(h for h in history if "retention/matrix/_type" in h)
+    assert table["edit/index"] == 8 and table["retention/matrix/_type"] == "table-file"
+    assert table["retention/matrix/nrows"] == 8 and table["retention/matrix/ncols"] == 4  # position, case_id, 4, 8
+    files = find_offline_run_file(d).parent / "files"
+    assert (files / "retention_matrix.csv").read_text() == (d / "retention_matrix.csv").read_text()
+    assert (files / "telemetry" / "edits.jsonl").is_file() and (files / "telemetry" / "probes.jsonl").is_file()
 
 
 def _history_eventually(run_dir, timeout: float = 20.0) -> list[dict]:
@@ -232,7 +239,8 @@ def test_push_wandb_replays_jsonl(assets, tmp_path, monkeypatch):
     edits = read_jsonl(summary.run_dir / "telemetry" / "edits.jsonl")
     probes = read_jsonl(summary.run_dir / "telemetry" / "probes.jsonl")
     sent = sorted(r["log/seq"] for r in edits + probes)
-    assert [h.get("log/seq") for h in history] == sent, (history, sent)
+    assert [h["log/seq"] for h in history if "log/seq" in h] == sent, (history, sent)
+    assert [h["edit/index"] for h in history if "retention/matrix/_type" in h] == [3]  # the matrix goes too
 
 
 def test_sigterm_stops_at_an_edit_boundary_with_state_saved(assets, tmp_path, monkeypatch):
