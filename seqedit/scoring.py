@@ -66,7 +66,6 @@ def score_targets(
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out: list[TargetScore] = []
     # One batched tokenizer call per side (fast tokenizers encode lists in Rust); same ids as prompt_ids/target_ids.
     p_ids = tokenizer(list(prompts))["input_ids"] if prompts else []
     t_ids = tokenizer([" " + t.lstrip(" ") for t in targets], add_special_tokens=False)["input_ids"] if targets else []
@@ -74,8 +73,11 @@ def score_targets(
         if not ids:
             raise ValueError(f"target {t!r} tokenises to nothing")
     encoded = [(list(p), list(t)) for p, t in zip(p_ids, t_ids)]
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
+    # Batches of similar lengths: less padding per forward pass (results go back to the caller's order).
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    scored: list[TargetScore] = []
+    for start in range(0, len(order), batch_size):
+        chunk = [encoded[i] for i in order[start : start + batch_size]]
         ids, mask = pad_batch([p + t for p, t in chunk], pad)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [b, pos, vocab]
         # Only the positions that predict a target token: one flat gather for the whole batch.
@@ -89,7 +91,10 @@ def score_targets(
         k = 0
         for _, t in chunk:
             n = len(t)
-            out.append(TargetScore(float(sum(lp[k : k + n])), n, all(hit[k : k + n])))
+            scored.append(TargetScore(float(sum(lp[k : k + n])), n, all(hit[k : k + n])))
             k += n
+    out: list[TargetScore] = [None] * len(scored)  # type: ignore[list-item]  # every slot is filled below
+    for pos, i in enumerate(order):
+        out[i] = scored[pos]
     return out
 
