@@ -93,8 +93,6 @@ def score_targets(
             n = len(t)
             scored.append(TargetScore(float(sum(lp[k : k + n])), n, all(hit[k : k + n])))
             k += n
-    out: list[TargetScore] = [None] * len(scored)  # type: ignore[list-item]  # every slot is filled below
-    for pos, i in enumerate(order):
-        out[i] = scored[pos]
-    return out
+    back = sorted(range(len(order)), key=order.__getitem__)  # inverse permutation: caller's index -> scored index
+    return [scored[j] for j in back]
 
