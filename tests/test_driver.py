@@ -152,11 +152,12 @@ def test_sigma_max_power_iteration():
     assert sigma_max(u @ v.T, (u, v)) == pytest.approx(float(torch.linalg.svdvals(u @ v.T)[0]), rel=1e-5)
 
 
-def test_batched_scoring_equals_one_at_a_time(assets):
+@pytest.mark.parametrize("batch_size", [3, 64])  # 3: prompts are length-sorted across several batches
+def test_batched_scoring_equals_one_at_a_time(assets, batch_size):
     tok = make_tokenizer()
     model = make_tiny_gpt2(len(tok))
     reqs = list(load_requests(assets / "cf.json").requests)
-    batched = evaluate_requests(model, tok, reqs, batch_size=64)
+    batched = evaluate_requests(model, tok, reqs, batch_size=batch_size)
     single = [evaluate_requests(model, tok, [r], batch_size=1)[0] for r in reqs]
     for a, b in zip(batched, single):
         assert a.efficacy == b.efficacy and a.paraphrase == b.paraphrase and a.neighborhood == b.neighborhood
