@@ -60,7 +60,7 @@ def test_shipped_default_config_loads():
     assert cfg.model.name == "world:small" and cfg.data.source == "world"
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "long_2000.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "long_2000.yaml", "rrome_medium.yaml"])
 def test_example_configs_load_and_name_real_probes_and_editors(name):
     from pathlib import Path
 
