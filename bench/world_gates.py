@@ -31,7 +31,9 @@ from seqedit.data import load_requests, order_requests
 from seqedit.archs import arch_for
 from seqedit.editors._rome_core import subject_keys
 from seqedit.editors.base import EditorContext, get_editor
+from seqedit.driver import is_spike
 from seqedit.metrics import evaluate_requests, mean_of
+from seqedit.probes import never_edited_world_facts
 from seqedit.scoring import score_targets
 from seqedit.trace import trace
 from seqedit.world import WorldConfig, load_world
@@ -44,8 +46,7 @@ SPIKE_FACTOR = 10.0
 
 def _unedited_pairs(world, n: int, seed: int) -> list[tuple[str, str]]:
     """The `unedited` probe's pool: facts about subjects without edit records (facts_mc.jsonl), a fixed sample."""
-    rows = [json.loads(x) for x in (world.downstream_dir / "facts_mc.jsonl").read_text().splitlines() if x.strip()]
-    pairs = [(r["question"], r["choices"][r["label"]]) for r in rows]
+    pairs = never_edited_world_facts(world)
     return random.Random(seed).sample(pairs, min(n, len(pairs)))
 
 
@@ -115,7 +116,6 @@ def gate_single(model, tok, world, requests, layer, n, options, tmp: Path, deadl
         revert(model, applied)
         if time.time() > deadline:
             break
-    reqs = reqs[: len(outcomes)]
     base = base[: len(outcomes)]
     out = {k: mean_of(outcomes, k) for k in ("efficacy", "paraphrase", "neighborhood")}
     out.update({f"unedited_{k}": mean_of(base, k) for k in ("efficacy", "paraphrase", "neighborhood")})
@@ -134,8 +134,8 @@ def gate_sequential(model, tok, world, requests, layer, n, options, tmp: Path, e
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     curve = [(0, _recall(model, tok, pairs))]
     start = curve[0][1]
-    rel, spikes, applied_reqs, gradual, key_cos = [], [], [], None, []
-    max_ratio = 0.0  # largest ||dW|| / running median of the earlier ones
+    rels, fros, spikes, applied_reqs, gradual, key_cos = [], [], [], [], None, []
+    max_ratio = 0.0  # largest ||dW|| / running median of the earlier ones (after the driver's 10-edit warm-up)
     # relative to the *unedited* matrix: rome/update_rel divides by the current ||W||, which grows as edits pile up
     w0_norm = sum(float(model.get_parameter(n).norm()) ** 2 for n in editor.params(model)) ** 0.5
     t0 = time.perf_counter()
@@ -143,13 +143,13 @@ def gate_sequential(model, tok, world, requests, layer, n, options, tmp: Path, e
         for i, r in enumerate(requests[:n], start=1):
             proposal = editor.compute(model, tok, [r])
             fro = float(proposal.stats["rome/update_fro"])
-            u = fro / w0_norm
-            if rel and len(rel) >= 10:
-                med = statistics.median(x[1] for x in rel)
-                max_ratio = max(max_ratio, fro / med)
-                if fro >= SPIKE_FACTOR * med:
-                    spikes.append({"edit": i, "update_fro": fro, "x_median": fro / med})
-            rel.append((u, fro))
+            fros.append(fro)
+            rels.append(fro / w0_norm)
+            if len(fros) > 10:
+                ratio = fro / statistics.median(fros[:-1])
+                max_ratio = max(max_ratio, ratio)
+                if is_spike(fros, SPIKE_FACTOR, warmup=10):  # the driver's norm-spike rule
+                    spikes.append({"edit": i, "update_fro": fro, "x_median": ratio})
             key_cos.append(float(proposal.stats.get("rome/key_cos", math.nan)))
             apply_proposal(model, proposal, editor.params(model))
             applied_reqs.append(r)
@@ -164,9 +164,8 @@ def gate_sequential(model, tok, world, requests, layer, n, options, tmp: Path, e
         drift = sum(float((model.get_parameter(n) - saved[n]).norm()) ** 2 for n in editor.params(model)) ** 0.5
     finally:
         model.load_state_dict(saved)
-    rels = [x[0] for x in rel]
     return {
-        "editor": editor_name, "edits": len(rel), "seconds_per_edit": (time.perf_counter() - t0) / max(1, len(rel)),
+        "editor": editor_name, "edits": len(rels), "seconds_per_edit": (time.perf_counter() - t0) / max(1, len(rels)),
         "unedited_recall_curve": curve, "edits_before_recall_below_80pct": gradual,
         "median_update_rel": statistics.median(rels) if rels else math.nan,
         "max_update_rel": max(rels) if rels else math.nan, "spikes": spikes, "max_x_running_median": max_ratio,
@@ -175,7 +174,7 @@ def gate_sequential(model, tok, world, requests, layer, n, options, tmp: Path, e
         # cos(k*, k_raw): ROME's disabling edits need the template-mean and bare-prompt keys to disagree
         "key_cos_min": min(key_cos) if key_cos else math.nan,
         "key_cos_median": statistics.median(key_cos) if key_cos else math.nan,
-        "pass": gradual is None and len(rel) >= GRADUAL_EDITS_MIN if editor_name == "r-rome" else None,
+        "pass": gradual is None and len(rels) >= GRADUAL_EDITS_MIN if editor_name == "r-rome" else None,
     }
 
 

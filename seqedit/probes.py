@@ -84,13 +84,13 @@ class RetentionProbe(_ConfiguredProbe):
         return ProbeResult(metrics, rows)
 
 
-def _never_edited_world_facts(ctx: ProbeContext) -> list[tuple[str, str]]:
+def never_edited_world_facts(world: Any) -> list[tuple[str, str]]:
     """(prompt, true object) for the world's facts about subjects that have no edit records (facts_mc.jsonl)."""
-    if ctx.world is None:
+    if world is None:
         return []
     import json
 
-    path = Path(ctx.world.downstream_dir) / "facts_mc.jsonl"
+    path = Path(world.downstream_dir) / "facts_mc.jsonl"
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -117,7 +117,7 @@ class UneditedRecallProbe(_ConfiguredProbe):
 
     def __call__(self, ctx: ProbeContext) -> ProbeResult:
         if self._pool is None:
-            facts = _never_edited_world_facts(ctx)
+            facts = never_edited_world_facts(ctx.world)
             if not facts:
                 planned = {r.subject for r in ctx.stream}
                 reqs = [r for r in ctx.stream if r.target_true]
