@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seqedit.apply import materialise
 from seqedit.archs import ArchSpec, get_module, is_conv1d, linear_weight, num_layers
 from seqedit.hooks import capture, capture_inputs, patch_output
 from seqedit.scoring import pad_batch, prompt_ids, target_ids
@@ -455,9 +456,9 @@ def rank_one_update(
     right_vec = residual / denominator
     delta_linear = torch.outer(right_vec, u)  # [d_out, d_in]
     if is_conv1d(module):  # stored as [d_in, d_out]
-        delta, left, right = delta_linear.T, u[:, None], right_vec[:, None]
+        left, right = u[:, None], right_vec[:, None]
     else:
-        delta, left, right = delta_linear, right_vec[:, None], u[:, None]
+        left, right = right_vec[:, None], u[:, None]
     stats = {
         "denominator": float(denominator),
         "u_norm": float(u_norm),
@@ -467,4 +468,7 @@ def rank_one_update(
         "update_fro": float(delta_linear.norm()),
         "weight_fro": float(w.norm()),
     }
-    return RankOneUpdate(delta.float().contiguous(), left.float(), right.float(), u, right_vec, stats)
+    left32, right32 = left.float(), right.float()
+    # The delta is the float32 outer product of the float32 factors (as the original float32 code computes it), so
+    # the ledger can store the factors alone and reproduce the applied delta bit for bit.
+    return RankOneUpdate(materialise(left32, right32).contiguous(), left32, right32, u, right_vec, stats)

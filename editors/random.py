@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seqedit.apply import materialise
 from seqedit.editors.base import BaseEditor, register_editor
 from seqedit.types import EditProposal, EditRequest
 
@@ -67,11 +68,8 @@ class RandomEditor(BaseEditor):
                 u, v = u / u.norm(), v / v.norm()  # ‖u vᵀ‖_F = 1
                 lefts[name].append((scale * u).float())
                 rights[name].append(v.float())
+        factors = {n: (torch.stack(lefts[n], 1), torch.stack(rights[n], 1)) for n in names}  # [d0, n], [d1, n]
         for name in names:
-            left = torch.stack(lefts[name], dim=1)  # [d0, n]
-            right = torch.stack(rights[name], dim=1)  # [d1, n]
-            device = model.get_parameter(name).device
-            deltas[name] = (left @ right.T).to(device)
+            deltas[name] = materialise(*factors[name]).to(model.get_parameter(name).device)
         stats = {"random/spikes": float(spikes)}
-        factors = {n: (torch.stack(lefts[n], 1), torch.stack(rights[n], 1)) for n in names}
         return EditProposal(deltas=deltas, stats=stats, factors=factors)

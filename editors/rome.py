@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from seqedit.apply import materialise
 from seqedit.archs import arch_for, get_module
 from seqedit.editors._rome_core import (
     RankOneUpdate,
@@ -204,14 +205,14 @@ class RomeEditor(BaseEditor):
         elif self.ctx.arch != arch_for(model):
             raise ValueError(f"{self.name}: prepared for {self.ctx.arch.name}, called with another architecture")
         edits = self.compute_edits(model, tokenizer, requests)
-        deltas: dict[str, torch.Tensor] = {}
         lefts: dict[str, list[torch.Tensor]] = {}
         rights: dict[str, list[torch.Tensor]] = {}
         for e in edits:
-            deltas[e.param] = deltas[e.param] + e.update.delta if e.param in deltas else e.update.delta.clone()
             lefts.setdefault(e.param, []).append(e.update.left)
             rights.setdefault(e.param, []).append(e.update.right)
-        factors = {p: (torch.cat(lefts[p], 1), torch.cat(rights[p], 1)) for p in deltas}
+        factors = {p: (torch.cat(lefts[p], 1), torch.cat(rights[p], 1)) for p in lefts}
+        # Several requests: the delta is the sum of their rank-one terms, built from the factors (the ledger's form).
+        deltas = {p: materialise(*f).to(lefts[p][0].device) for p, f in factors.items()}
         return EditProposal(deltas=deltas, stats=self._stats(edits, len(requests)), factors=factors)
 
     def compute_edits(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]) -> list[RomeEdit]:

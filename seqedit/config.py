@@ -67,7 +67,28 @@ class TelemetryConfig:
     spike_factor: float = 10.0
     spike_warmup: int = 10  # edits before spikes are judged (the median needs a few samples)
     heartbeat_seconds: float = 60.0  # heartbeat.json + one log line at most this often
-    state_every: int = 50  # save state.json every N editor calls
+    state_every: int = 50  # save state.json every N editor calls (it is O(1): cursor, counters, last snapshot)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    # Every editor call is committed to the ledger (its delta, as low-rank factors when they reproduce it exactly)
+    # before its telemetry is written; snapshots of the touched parameters + run state bound the replay on resume.
+    snapshot_every: int = 100  # editor calls between snapshots (one is also taken at a stop and at the end)
+    keep_last: int = 2  # newest snapshots kept ...
+    milestones: str = "every:1000"  # ... plus those at these edit indices (a schedule; "never" = none)
+    fsync: bool = True  # fsync every ledger commit (off only on filesystems where fsync is pathologically slow)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    # What to do with an update that has non-finite values (or leaves non-finite weights), or whose ‖ΔW‖_F exceeds
+    # max_update_norm / whose ‖ΔW‖_F/‖W0‖_F exceeds max_update_rel: reject = roll back exactly, alert, go on;
+    # stop = roll back, alert, fail the run; allow = keep it, alert (non-finite weights are never snapshotted).
+    # No norm bound by default: huge updates are the disabling edits this tool exists to observe.
+    policy: str = "stop"  # reject | stop | allow
+    max_update_norm: float | None = None
+    max_update_rel: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +126,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     probes: tuple[ProbeSpec, ...] = ()
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,12 +138,53 @@ class RunConfig:
         return d
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """sha256 of the fully built config (editor and probe defaults filled in by `from_dict`) without the
+        resume-safe keys, which change how a run executes but not what it computes."""
+        d = self.to_dict()
+        for dotted in RESUME_SAFE:
+            _pop_dotted(d, dotted)
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     @property
     def run_id(self) -> str:
         return f"{self.name}-{self.config_hash()[:8]}-s{self.seed}"
+
+
+# Keys that may differ between a run and its resume (recorded in the run's events): where and how fast it runs, how
+# often it saves, where wandb mirrors it. Everything else changes what the run computes and is refused on resume.
+RESUME_SAFE = (
+    "threads", "runs_dir", "cache_dir", "wandb.mode", "wandb.project", "wandb.entity", "wandb.group", "wandb.tags",
+    "telemetry.heartbeat_seconds", "telemetry.state_every", "checkpoint.snapshot_every", "checkpoint.keep_last",
+    "checkpoint.milestones", "checkpoint.fsync",
+)
+
+
+def _pop_dotted(tree: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.get(p, {})
+    tree.pop(leaf, None)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(saved: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(breaking keys, resume-safe keys) whose values differ between two `to_dict()` trees."""
+    a, b = flatten(saved), flatten(new)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    safe = [k for k in changed if k in RESUME_SAFE]
+    return [k for k in changed if k not in RESUME_SAFE], safe
 
 
 def _to_plain(obj: Any) -> Any:
@@ -237,6 +301,7 @@ CHOICES = {
     "data.format": ("auto", "counterfact", "zsre", "easyedit", "jsonl", "hf"),
     "data.on_error": ("raise", "skip"),
     "wandb.mode": ("online", "offline", "disabled"),
+    "guard.policy": ("reject", "stop", "allow"),
 }
 
 
@@ -297,7 +362,7 @@ def from_dict(tree: Mapping[str, Any]) -> RunConfig:
         name = coerce(editor.pop("name", "ft"), str, "editor.name")
         cfg = dataclasses.replace(cfg, editor=EditorSection(name=name, options=editor))
     validate(cfg)
-    return cfg
+    return complete(cfg)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -307,9 +372,17 @@ def validate(cfg: RunConfig) -> None:
         value = plain[section][key]
         if value not in allowed:
             raise ConfigError(f"{dotted}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
-    for key in ("n_edits", "batch_size"):
-        if plain[key] < 1:
-            raise ConfigError(f"{key}: {plain[key]} must be >= 1")
+    for key in ("n_edits", "batch_size", "telemetry.state_every", "checkpoint.snapshot_every", "checkpoint.keep_last",
+                "eval.batch_size", "telemetry.spike_warmup"):
+        value = flatten(plain)[key]
+        if value < (0 if key == "telemetry.spike_warmup" else 1):
+            raise ConfigError(f"{key}: {value} must be >= {0 if key == 'telemetry.spike_warmup' else 1}")
+    for key in ("guard.max_update_norm", "guard.max_update_rel"):
+        value = flatten(plain)[key]
+        if value is not None and not value > 0:
+            raise ConfigError(f"{key}: {value} must be > 0 (or null for no bound)")
+    if plain["threads"] is not None and plain["threads"] < 1:
+        raise ConfigError(f"threads: {plain['threads']} must be >= 1 (or null for torch's default)")
     # Resolve the editor and probes now so that a typo fails before any model is loaded.
     from seqedit.editors.base import make_editor
     from seqedit.probe_api import make_probe
@@ -322,6 +395,24 @@ def validate(cfg: RunConfig) -> None:
             parse_schedule(spec.schedule)
         except ValueError as e:
             raise ConfigError(f"probes[{i}].schedule: {e}") from None
+    try:
+        parse_schedule(cfg.checkpoint.milestones)
+    except ValueError as e:
+        raise ConfigError(f"checkpoint.milestones: {e}") from None
+
+
+def complete(cfg: RunConfig) -> RunConfig:
+    """The fully built config: the editor's and every probe's options with all their defaults filled in (and the
+    editor name normalised), so `layers: 0` and `layers: [0]` are one config, and a changed default changes the
+    hash of configs that relied on it."""
+    from seqedit.editors.base import make_editor
+    from seqedit.probe_api import make_probe
+
+    editor = make_editor(cfg.editor.name, cfg.editor.options)
+    probes = tuple(dataclasses.replace(spec, options=_to_plain(make_probe(spec.name, spec.options).config))
+                   for spec in cfg.probes)
+    return dataclasses.replace(cfg, editor=EditorSection(name=editor.name, options=_to_plain(editor.config)),
+                               probes=probes)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

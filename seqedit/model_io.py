@@ -136,14 +136,10 @@ def load_model(
     dtype = resolve_dtype(cfg.dtype)
     device = resolve_device(cfg.device)
     name = cfg.name
-    if not isinstance(name, str) or not name.strip():
-        raise ModelLoadError(f"model.name: {name!r} is empty; give an HF id, a local folder or world:<preset>")
+    preset = world_preset(name)
 
     world = None
-    if name.startswith(WORLD_PREFIX):
-        preset = name[len(WORLD_PREFIX):].strip()
-        if not preset:
-            raise ModelLoadError(f"model.name: {name!r} names no preset; use world:<preset>, e.g. world:small")
+    if preset is not None:
         from seqedit.world import load_world  # lazy: building a world pulls in its generator and trainer
 
         world = load_world(preset, cache_dir=cache_dir, progress=progress)
@@ -159,8 +155,24 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, name=name, world=world)
 
 
-def _load_hf(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any, ArchSpec]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def world_preset(name: Any) -> str | None:
+    """The preset of "world:<preset>", None for an HF id or folder; an empty name or preset fails here."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"model.name: {name!r} is empty; give an HF id, a local folder or world:<preset>")
+    if not name.startswith(WORLD_PREFIX):
+        return None
+    preset = name[len(WORLD_PREFIX):].strip()
+    if not preset:
+        raise ModelLoadError(f"model.name: {name!r} names no preset; use world:<preset>, e.g. world:small")
+    return preset
+
+
+def resolve_hf_config(cfg: ModelConfig) -> tuple[Any, str, dict[str, Any], str]:
+    """Find `cfg.name` (local folder or hub id) and read its AutoConfig, no weights: (config, source, kw, where).
+
+    `source` and `kw` are what the `from_pretrained` calls take, `where` names the model in messages.
+    """
+    from transformers import AutoConfig
 
     name = cfg.name
     path = Path(name).expanduser()
@@ -197,10 +209,22 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tupl
         config = AutoConfig.from_pretrained(source, **kw)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read the model config of {where}: {e}") from e
+    return config, source, kw, where
+
+
+def arch_from_config(config: Any, where: str) -> ArchSpec:
+    """The ArchSpec serving an HF config's model_type; rejects unsupported models before their weights load."""
     try:
-        arch = spec_for_model_type(getattr(config, "model_type", None))
+        return spec_for_model_type(getattr(config, "model_type", None))
     except ValueError as e:
         raise ModelLoadError(f"{where}: {e}") from e
+
+
+def _load_hf(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, Any, ArchSpec]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, source, kw, where = resolve_hf_config(cfg)
+    arch = arch_from_config(config, where)
 
     # Straight onto the GPU when one is asked for (no full CPU copy of a large model first).
     device_map = {"": str(device)} if device.type == "cuda" else None

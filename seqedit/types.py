@@ -63,7 +63,8 @@ class EditRequest:
 @dataclass(frozen=True)
 class EditProposal:
     """What an editor computes: per-parameter deltas in the parameter's own layout (float32 or wider),
-    optional low-rank factors (delta == left @ right.T in the parameter layout) and scalar diagnostics."""
+    optional low-rank factors (delta == seqedit.apply.materialise(left, right) bit for bit, in the parameter layout:
+    then the ledger stores the factors instead of the dense delta) and scalar diagnostics."""
 
     deltas: Mapping[str, torch.Tensor]
     stats: Mapping[str, float] = field(default_factory=dict)
@@ -73,12 +74,14 @@ class EditProposal:
 @dataclass(frozen=True)
 class AppliedEdit:
     """What the driver applied: `deltas[name]` is exactly `after - before` in the parameter's dtype (so bf16 rounding
-    is captured), `before` holds the pre-edit values for bit-identical revert."""
+    is captured), `before` holds the pre-edit values for bit-identical revert, `added[name]` the exact tensor that
+    was added (in `seqedit.apply.added_dtype`), which the ledger stores or reproduces from the factors."""
 
     deltas: Mapping[str, torch.Tensor]
     before: Mapping[str, torch.Tensor]
     stats: Mapping[str, float]
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    added: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

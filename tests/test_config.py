@@ -11,7 +11,9 @@ def test_defaults_and_overrides(tmp_path):
     cfg = load_config(path, ["editor.layers=[1]", "data.seed=3", "wandb.tags=[a, b]", "model.revision=null"])
     assert cfg.name == "x" and cfg.n_edits == 5 and cfg.data.seed == 3
     assert cfg.editor.name == "random"
-    assert cfg.editor.options == {"relative_norm": 0.1, "layers": [1]}
+    # the fully built config: every editor default is filled in, so a changed default changes the hash
+    assert cfg.editor.options == {"relative_norm": 0.1, "layers": [1], "norm": None, "spike_probability": 0.0,
+                                  "spike_factor": 100.0}
     assert cfg.wandb.tags == ("a", "b")
     assert cfg.model.revision is None
 
@@ -51,6 +53,22 @@ def test_hash_is_stable_and_sensitive():
     assert a.config_hash() == b.config_hash() != c.config_hash()
     assert a.run_id.startswith("default-") and a.run_id.endswith("-s0")
     assert RunConfig().config_hash() == RunConfig().config_hash()
+    # one config however it is spelt: a scalar layer is a one-element list, an explicit default is the default
+    assert (load_config(None, ["editor.layers=0"]).config_hash() == load_config(None, ["editor.layers=[0]"]).config_hash()
+            == load_config(None, ["editor.layers=[0]", "editor.lr=0.005"]).config_hash())
+    # resume-safe keys do not change the hash; result-changing ones do
+    base = load_config(None, []).config_hash()
+    assert load_config(None, ["threads=1", "wandb.mode=offline", "checkpoint.snapshot_every=7"]).config_hash() == base
+    assert load_config(None, ["guard.policy=reject"]).config_hash() != base
+
+
+def test_zero_counts_are_refused_before_any_work():
+    with pytest.raises(ConfigError, match=r"telemetry.state_every: 0 must be >= 1"):
+        load_config(None, ["telemetry.state_every=0"])
+    with pytest.raises(ConfigError, match=r"checkpoint.snapshot_every: 0 must be >= 1"):
+        load_config(None, ["checkpoint.snapshot_every=0"])
+    with pytest.raises(ConfigError, match=r"guard.policy: 'ignore' is not allowed; allowed: reject, stop, allow"):
+        load_config(None, ["guard.policy=ignore"])
 
 
 def test_shipped_default_config_loads():
