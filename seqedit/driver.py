@@ -104,12 +104,15 @@ class Sinks:
 def make_run_dir(cfg: RunConfig) -> Path:
     """runs/<run_id>; an existing directory is never overwritten: a suffix -r2, -r3... is added instead."""
     root = Path(cfg.runs_dir)
-    candidate, k = root / cfg.run_id, 1
-    while candidate.exists():
-        k += 1
-        candidate = root / f"{cfg.run_id}-r{k}"
-    candidate.mkdir(parents=True)
-    return candidate
+    root.mkdir(parents=True, exist_ok=True)
+    k = 1
+    while True:  # mkdir is the atomic claim: identical runs started together each get their own directory
+        candidate = root / (cfg.run_id if k == 1 else f"{cfg.run_id}-r{k}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            k += 1
 
 
 def load_stream(cfg: RunConfig, loaded) -> tuple[list[EditRequest], dict[str, Any]]:
@@ -167,6 +170,11 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     cache_dir = default_cache_dir(cfg.cache_dir)
+
+    # -- everything checkable without weights, before a run directory exists -----------------------------------
+    from seqedit.preflight import preflight
+
+    preflight(cfg)
 
     # -- run directory, resolved config, state ----------------------------------------------------------------
     run_dir = make_run_dir(cfg)

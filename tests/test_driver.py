@@ -224,8 +224,11 @@ def test_existing_run_dir_is_never_overwritten(assets, tmp_path):
 
 
 def test_bad_requests_are_reported(assets, tmp_path):
-    with pytest.raises(RunError, match="holds only 12 requests"):
+    from seqedit.preflight import PreflightError
+
+    with pytest.raises(PreflightError, match="holds only 12 requests"):  # before any directory or weights
         run(config(assets, tmp_path, "n_edits=50", "editor.name=noop"))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_push_wandb_replays_jsonl(assets, tmp_path, monkeypatch):
@@ -269,3 +272,24 @@ def test_sigterm_stops_at_an_edit_boundary_with_state_saved(assets, tmp_path, mo
     assert len(read_jsonl(run_dir / "telemetry" / "edits.jsonl")) == 3
     assert read_jsonl(run_dir / "telemetry" / "alerts.jsonl")[-1]["alert/kind"] == "preempted"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_bad_input_fails_before_a_run_directory_exists(assets, tmp_path):
+    from seqedit.preflight import PreflightError
+
+    with pytest.raises(PreflightError, match=r"layer 5"):
+        run(config(assets, tmp_path, "editor.name=noop", "editor.layers=[5]"))
+    with pytest.raises((PreflightError, RunError), match="missing.json"):
+        run(config(assets, tmp_path, "editor.name=noop", f"data.source={tmp_path / 'missing.json'}"))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_identical_runs_started_together_each_get_a_directory(assets, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from seqedit.driver import make_run_dir
+
+    cfg = config(assets, tmp_path, "editor.name=noop")
+    with ThreadPoolExecutor(8) as pool:
+        dirs = list(pool.map(lambda _: make_run_dir(cfg), range(8)))
+    assert len(set(dirs)) == 8 and all(d.is_dir() for d in dirs)
