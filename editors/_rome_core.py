@@ -454,7 +454,6 @@ def rank_one_update(
     denominator = key64 @ u
     residual = target.detach().double().to(w.device) - current
     right_vec = residual / denominator
-    delta_linear = torch.outer(right_vec, u)  # [d_out, d_in]
     if is_conv1d(module):  # stored as [d_in, d_out]
         left, right = u[:, None], right_vec[:, None]
     else:
@@ -465,7 +464,7 @@ def rank_one_update(
         "right_norm": float(right_vec.norm()),
         "residual_norm": float(residual.norm()),
         "key_norm": float(key64.norm()),
-        "update_fro": float(delta_linear.norm()),
+        "update_fro": float(right_vec.norm()),  # ‖right uᵀ‖_F = ‖right‖ for a unit u
         "weight_fro": float(w.norm()),
     }
     left32, right32 = left.float(), right.float()

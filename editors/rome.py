@@ -212,7 +212,7 @@ class RomeEditor(BaseEditor):
             rights.setdefault(e.param, []).append(e.update.right)
         factors = {p: (torch.cat(lefts[p], 1), torch.cat(rights[p], 1)) for p in lefts}
         # Several requests: the delta is the sum of their rank-one terms, built from the factors (the ledger's form).
-        deltas = {p: materialise(*f).to(lefts[p][0].device) for p, f in factors.items()}
+        deltas = {p: materialise(*f) for p, f in factors.items()}
         return EditProposal(deltas=deltas, stats=self._stats(edits, len(requests)), factors=factors)
 
     def compute_edits(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]) -> list[RomeEdit]:

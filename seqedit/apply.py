@@ -80,24 +80,20 @@ def apply_proposal(model: nn.Module, proposal: EditProposal, allowed: list[str] 
     for name, delta in proposal.deltas.items():
         param = model.get_parameter(name)
         added[name] = delta.to(device=param.device, dtype=added_dtype(param.dtype))
-    return _applied(model, added, add_exact(model, added), proposal.stats, proposal.factors)
+    return apply_added(model, added, proposal.stats, proposal.factors)
 
 
 @torch.no_grad()
 def apply_added(model: nn.Module, added: Mapping[str, torch.Tensor], stats: Mapping[str, float] | None = None,
                 factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> AppliedEdit:
-    """Re-apply tensors exactly as `apply_proposal` added them (ledger replay)."""
-    return _applied(model, added, add_exact(model, added), stats or {}, factors or {})
-
-
-def _applied(model: nn.Module, added: Mapping[str, torch.Tensor], before: Mapping[str, torch.Tensor],
-             stats: Mapping[str, float], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> AppliedEdit:
+    """Add tensors already in `added_dtype` (a live proposal, or a ledger record on replay) and report the change."""
+    before = add_exact(model, added)
     deltas = {}
     for name in added:
         after = model.get_parameter(name).detach()
         deltas[name] = after - before[name] if after.dtype in (torch.float32, torch.float64) else (
             after.float() - before[name].float())
-    return AppliedEdit(deltas=deltas, before=dict(before), stats=dict(stats), factors=dict(factors),
+    return AppliedEdit(deltas=deltas, before=before, stats=dict(stats or {}), factors=dict(factors or {}),
                        added=dict(added))
 
 

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from seqedit.io import atomic_write_json, file_sha256
+from seqedit.io import atomic_write_json, file_sha256, fsync_dir
 
 SNAP_PREFIX = "snap-"
 
@@ -47,7 +47,7 @@ def capture_rng() -> dict[str, Any]:
         "torch": torch.random.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
@@ -135,7 +135,7 @@ def write_snapshot(run_dir: Path, params: Mapping[str, torch.Tensor], extra: Map
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     return Snapshot(final, json.loads((final / "manifest.json").read_text()))
 
 
@@ -143,17 +143,6 @@ def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def verify_snapshot(path: Path) -> tuple[Snapshot | None, str | None]:

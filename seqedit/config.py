@@ -305,6 +305,9 @@ CHOICES = {
     "wandb.mode": ("online", "offline", "disabled"),
     "guard.policy": ("reject", "stop", "allow"),
 }
+# Counts that divide or bound something: 0 would be a ZeroDivisionError or a run that keeps nothing, hours in.
+MINIMUMS = {"n_edits": 1, "batch_size": 1, "telemetry.state_every": 1, "checkpoint.snapshot_every": 1,
+            "checkpoint.keep_last": 1, "eval.batch_size": 1, "telemetry.spike_warmup": 0}
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -374,13 +377,12 @@ def validate(cfg: RunConfig) -> None:
         value = plain[section][key]
         if value not in allowed:
             raise ConfigError(f"{dotted}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
-    for key in ("n_edits", "batch_size", "telemetry.state_every", "checkpoint.snapshot_every", "checkpoint.keep_last",
-                "eval.batch_size", "telemetry.spike_warmup"):
-        value = flatten(plain)[key]
-        if value < (0 if key == "telemetry.spike_warmup" else 1):
-            raise ConfigError(f"{key}: {value} must be >= {0 if key == 'telemetry.spike_warmup' else 1}")
+    flat = flatten(plain)
+    for key, least in MINIMUMS.items():
+        if flat[key] < least:
+            raise ConfigError(f"{key}: {flat[key]} must be >= {least}")
     for key in ("guard.max_update_norm", "guard.max_update_rel"):
-        value = flatten(plain)[key]
+        value = flat[key]
         if value is not None and not value > 0:
             raise ConfigError(f"{key}: {value} must be > 0 (or null for no bound)")
     if plain["threads"] is not None and plain["threads"] < 1:

@@ -174,7 +174,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
     # -- everything checkable without weights, before a run directory exists -----------------------------------
     from seqedit.preflight import preflight
 
-    preflight(cfg)
+    checked = preflight(cfg)
 
     # -- run directory, resolved config, state ----------------------------------------------------------------
     run_dir = make_run_dir(cfg)
@@ -189,7 +189,10 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None) -> RunSum
 
     loaded = load_model(cfg.model, cache_dir=cache_dir, progress=say)
     model, tok = loaded.model, loaded.tokenizer
-    stream, data_info = load_stream(cfg, loaded)
+    if checked.requests is not None:  # a file source: preflight already read, ordered and counted it
+        stream, data_info = list(checked.requests), checked.data_info
+    else:  # the world's records exist once the world is built
+        stream, data_info = load_stream(cfg, loaded)
     atomic_write_json(run_dir / "data.json", {**data_info, "case_ids": [r.case_id for r in stream]})
     editor = make_editor(cfg.editor.name, cfg.editor.options)
     stats_text = (loaded.world.heldout_path,) if loaded.world is not None else ()

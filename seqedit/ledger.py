@@ -14,6 +14,7 @@ from the last good point.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from seqedit.apply import materialise
-from seqedit.io import dumps_line
+from seqedit.io import atomic_write_text, dumps_line
 
 SHARD_BYTES = 256 * 2**20  # a new shard after this many bytes: a damaged file loses at most one shard's tail
 
@@ -53,16 +54,11 @@ class LedgerRecord:
     reason: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"batch": self.batch, "edit_index": self.edit_index, "case_ids": list(self.case_ids),
-                "status": self.status, "shard": self.shard, "offset": self.offset, "nbytes": self.nbytes,
-                "sha256": self.sha256, "norm": self.norm, "params": {k: dict(v) for k, v in self.params.items()},
-                "reason": self.reason}
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "LedgerRecord":
-        return cls(int(d["batch"]), int(d["edit_index"]), tuple(d["case_ids"]), str(d["status"]), int(d["shard"]),
-                   int(d["offset"]), int(d["nbytes"]), str(d["sha256"]), float(d["norm"]), dict(d["params"]),
-                   str(d.get("reason", "")))
+        return cls(**{**d, "case_ids": tuple(d["case_ids"])})
 
 
 def encode(added: Mapping[str, torch.Tensor],
@@ -139,9 +135,8 @@ class Ledger:
             try:
                 rec = LedgerRecord.from_json(json.loads(raw))
             except (ValueError, KeyError, TypeError):
-                where = "a partial last line (interrupted append)" if i == len(lines) - 1 else f"line {i + 1} unreadable"
-                if i != len(lines) - 1:
-                    led.problems.append(f"ledger index {led.index_path}: {where}; the ledger is cut there")
+                if i != len(lines) - 1:  # a partial last line is an interrupted append, not damage
+                    led.problems.append(f"ledger index {led.index_path}: line {i + 1} unreadable; the ledger is cut there")
                 break
             expected_batch = good[-1].batch + 1 if good else 0
             if rec.batch != expected_batch:
@@ -176,8 +171,6 @@ class Ledger:
         self.records = good
         text = "".join(dumps_line(r.to_json()) for r in good)
         if not self.index_path.exists() or self.index_path.read_text(errors="replace") != text:
-            from seqedit.io import atomic_write_text
-
             atomic_write_text(self.index_path, text)
         last = good[-1] if good else None
         self._shard = last.shard if last else 0

@@ -1,8 +1,6 @@
 """The edit ledger and the snapshots: exact round trips, damage detected and cut, atomic snapshot sets."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
