@@ -56,9 +56,19 @@ class Editor(Protocol):
 
     def compute(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]) -> EditProposal: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the editor carries from call to call (templates, caches), as tensors and plain containers:
+        the driver saves it in every snapshot (torch.load(weights_only=True) must read it back)."""
+        ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def replay(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
+               added: Mapping[str, torch.Tensor]) -> None:
+        """A committed call is replayed from the ledger instead of calling `compute` (resume past a snapshot):
+        `added` has just been applied. Editors whose state grows with each edit (e.g. a cache of edit keys) update
+        it here exactly as `compute` would have; stateless editors do nothing."""
+        ...
 
 
 class BaseEditor:
@@ -98,6 +108,10 @@ class BaseEditor:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state:
             raise ValueError(f"{self.name}: unexpected editor state keys {sorted(state)}")
+
+    def replay(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
+               added: Mapping[str, torch.Tensor]) -> None:
+        return None  # no per-edit state
 
     @property
     def seed(self) -> int:

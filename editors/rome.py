@@ -141,6 +141,18 @@ class RomeEditor(BaseEditor):
                     run_dir=ctx.run_dir))
         return self._templates
 
+    def state_dict(self) -> dict[str, Any]:
+        """The context templates (generated from the unedited model once; a resume must reuse them, not sample new
+        ones from edited weights). The statistics are a cache keyed by their inputs, not state."""
+        return {"templates": list(self._templates)} if self._templates is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        unknown = set(state) - {"templates"}
+        if unknown:
+            raise ValueError(f"{self.name}: unexpected editor state keys {sorted(unknown)}")
+        if "templates" in state:
+            self._templates = check_templates(tuple(state["templates"]))
+
     def load_statistics(self, model: nn.Module, tokenizer: Any, layers: Sequence[int]) -> None:
         """Load or build C for the layers that have no solver yet (missing ones in one pass over the text).
 

@@ -1,4 +1,4 @@
-"""`seqedit` command line: run, world build|info, trace, list-editors."""
+"""`seqedit` command line: run, resume, status, export, world build|info, trace, push-wandb, list-editors."""
 from __future__ import annotations
 
 import argparse
@@ -21,9 +21,17 @@ def default_config_path() -> Path:
     return Path(str(resources.files("seqedit").joinpath("configs/default.yaml")))
 
 
+def _print_summary(summary) -> None:
+    print(f"run {summary.run_id}: {summary.status}, {summary.n_edits} edits in {summary.seconds:.1f} s")
+    for key, value in summary.metrics.items():
+        print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
+    print(f"outputs: {summary.run_dir}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from seqedit.config import load_config
     from seqedit.driver import run
+    from seqedit.runs import find_resumable
 
     config = args.config
     overrides = list(args.overrides)
@@ -31,11 +39,43 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.insert(0, config)  # `seqedit run editor.name=rome` with no config file
         config = None
     cfg = load_config(config or default_config_path(), overrides)
-    summary = run(cfg, progress=_say)
-    print(f"run {summary.run_id}: {summary.status}, {summary.n_edits} edits in {summary.seconds:.1f} s")
-    for key, value in summary.metrics.items():
-        print(f"  {key:28s} {value:.4f}" if isinstance(value, float) else f"  {key:28s} {value}")
-    print(f"outputs: {summary.run_dir}")
+    run_dir = find_resumable(cfg) if args.resume else None  # a Slurm requeue runs the same command again
+    if run_dir is not None:
+        _say(f"--resume: continuing {run_dir}")
+    _print_summary(run(cfg, progress=_say, run_dir=run_dir))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from seqedit.driver import run
+    from seqedit.runs import resume_config
+
+    cfg = resume_config(Path(args.run_dir), list(args.overrides))
+    _print_summary(run(cfg, progress=_say, run_dir=Path(args.run_dir)))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from seqedit.runs import format_status, run_status
+
+    rows, bad = [], 0
+    for d in args.run_dirs:
+        try:
+            rows.append(run_status(Path(d)))
+        except (RuntimeError, OSError, ValueError) as e:
+            print(f"seqedit: {d}: {e}", file=sys.stderr)
+            bad += 1
+    if rows:
+        print(format_status(rows))
+    return 2 if bad else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from seqedit.runs import export
+
+    info = export(Path(args.run_dir), Path(args.out), at_edit=args.at_edit, progress=_say)
+    print(f"exported {info['run_id']} at edit {info['at_edit']} ({info['calls_applied']} editor calls applied) "
+          f"to {args.out}; touched weights sha256 {info['weights_sha256'][:16]}")
     return 0
 
 
@@ -120,7 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="apply a stream of edits sequentially")
     r.add_argument("config", nargs="?", help="YAML config (default: runs/configs/default.yaml)")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. editor.name=random n_edits=50")
+    r.add_argument("--resume", action="store_true", help="continue the newest run directory of this config if one "
+                   "exists (what a requeued cluster job does); a finished one just prints its summary")
     r.set_defaults(func=cmd_run)
+
+    rs = sub.add_parser("resume", help="continue an interrupted run from its snapshot + ledger, bit-exactly")
+    rs.add_argument("run_dir")
+    rs.add_argument("overrides", nargs="*", help="resume-safe overrides only, e.g. threads=4 wandb.mode=offline")
+    rs.set_defaults(func=cmd_resume)
+
+    st = sub.add_parser("status", help="state, edits done / total, heartbeat age, last snapshot, alerts, ETA")
+    st.add_argument("run_dirs", nargs="+")
+    st.set_defaults(func=cmd_status)
+
+    ex = sub.add_parser("export", help="write the edited model at a committed edit (base model + ledger)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="new directory for save_pretrained output")
+    ex.add_argument("--at-edit", type=int, default=None, help="edit index (default: the last committed edit)")
+    ex.set_defaults(func=cmd_export)
 
     w = sub.add_parser("world", help="build or describe the embedded synthetic world")
     w.add_argument("action", choices=["build", "info"])
@@ -191,8 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except StopRequested as e:
-        print(f"seqedit: {e}; run state saved (status 'preempted')", file=sys.stderr)
+        print(f"seqedit: {e}; run state saved (status 'preempted'); continue with `seqedit resume RUN_DIR` or "
+              "the same command with --resume", file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:
+        print("seqedit: interrupted (second Ctrl-C); run state saved (status 'preempted')", file=sys.stderr)
+        return 130
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         if args.verbose:
             raise

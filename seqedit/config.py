@@ -70,8 +70,6 @@ class TelemetryConfig:
     state_every: int = 50  # save state.json every N editor calls (it is O(1): cursor, counters, last snapshot)
 
 
-# NOTE (issue #11, in progress): `checkpoint` and `guard` are parsed, validated and hashed, but the driver does not
-# act on them yet; the ledger/snapshot/guard wiring is the next step (see the closing note of session 3).
 @dataclass(frozen=True)
 class CheckpointConfig:
     # Every editor call is committed to the ledger (its delta, as low-rank factors when they reproduce it exactly)

@@ -51,7 +51,9 @@ class LedgerRecord:
     sha256: str
     norm: float  # max ‖ΔW‖_F over the touched parameters (0 for a rejected call)
     params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    reason: str = ""
+    reason: str = ""  # why a call was rejected by the guard
+    stats: Mapping[str, float] = field(default_factory=dict)  # the editor's diagnostics (replayed into telemetry)
+    seconds: float = 0.0  # the editor call's wall time
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,16 +86,23 @@ def encode(added: Mapping[str, torch.Tensor],
 
 def decode(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     """The added tensors of one record (CPU), exactly as they were added."""
-    out = {}
+    return decode_with_factors(tensors, meta)[0]
+
+
+def decode_with_factors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Mapping[str, Any]]
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(added tensors, the factors of the parameters stored as factors)."""
+    out, factors = {}, {}
     for name, info in meta.items():
         dtype = getattr(torch, info["dtype"])
         if info["kind"] == "factors":
-            out[name] = materialise(tensors[f"{name}::left"], tensors[f"{name}::right"], dtype)
+            factors[name] = (tensors[f"{name}::left"], tensors[f"{name}::right"])
+            out[name] = materialise(*factors[name], dtype)
         else:
             out[name] = tensors[f"{name}::dense"]
         if list(out[name].shape) != list(info["shape"]):
             raise LedgerError(f"ledger record for {name!r}: shape {list(out[name].shape)}, index says {info['shape']}")
-    return out
+    return out, factors
 
 
 def _fsync(f) -> None:
@@ -122,10 +131,14 @@ class Ledger:
         return self.dir / f"shard-{k:05d}.bin"
 
     @classmethod
-    def open(cls, directory: str | Path, fsync: bool = True, verify: bool = True) -> "Ledger":
+    def open(cls, directory: str | Path, fsync: bool = True, verify: bool = True,
+             readonly: bool = False) -> "Ledger":
         """Read the index, verify every record's checksum (when `verify`) and cut the ledger at the first record that
-        is missing, truncated or corrupt; trailing bytes of an interrupted append are cut too."""
+        is missing, truncated or corrupt; trailing bytes of an interrupted append are cut too. `readonly` (export,
+        status: the run may be live) keeps the good prefix in memory and changes no file."""
         led = cls(directory, fsync)
+        if readonly and not led.dir.is_dir():
+            return led
         led.dir.mkdir(parents=True, exist_ok=True)
         lines = led.index_path.read_bytes().split(b"\n") if led.index_path.exists() else []
         good: list[LedgerRecord] = []
@@ -149,7 +162,10 @@ class Ledger:
                     led.problems.append(problem + "; this record and every later one are dropped")
                     break
             good.append(rec)
-        led._cut(good)
+        if readonly:
+            led.records = good
+        else:
+            led._cut(good)
         return led
 
     def _check(self, rec: LedgerRecord) -> str | None:
@@ -189,15 +205,21 @@ class Ledger:
 
     def read(self, batch: int) -> dict[str, torch.Tensor]:
         """The added tensors of call `batch` (CPU), verified against the checksum."""
+        return self.read_with_factors(batch)[0]
+
+    def read_with_factors(self, batch: int
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """(added tensors, stored factors) of call `batch` (CPU); the replay uses the factors for telemetry exactly
+        as the live call did."""
         rec = self.records[batch]
         if rec.status != "applied":
-            return {}
+            return {}, {}
         with open(self.shard_path(rec.shard), "rb") as f:
             f.seek(rec.offset)
             blob = f.read(rec.nbytes)
         if hashlib.sha256(blob).hexdigest() != rec.sha256:
             raise LedgerError(f"ledger record of batch {batch}: checksum mismatch (the ledger changed while reading)")
-        return decode(st_load(blob), rec.params)
+        return decode_with_factors(st_load(blob), rec.params)
 
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.records) + (self.index_path.stat().st_size if self.index_path.exists() else 0)
@@ -206,7 +228,8 @@ class Ledger:
 
     def append(self, batch: int, edit_index: int, case_ids: Sequence[str], added: Mapping[str, torch.Tensor],
                factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None, *, norm: float,
-               status: str = "applied", reason: str = "") -> LedgerRecord:
+               status: str = "applied", reason: str = "", stats: Mapping[str, float] | None = None,
+               seconds: float = 0.0) -> LedgerRecord:
         if batch != len(self.records):
             raise LedgerError(f"ledger append of batch {batch}, but {len(self.records)} records are committed")
         tensors, meta = encode(added, factors) if status == "applied" else ({}, {})
@@ -224,7 +247,8 @@ class Ledger:
                 else:
                     f.flush()
         rec = LedgerRecord(batch, edit_index, tuple(case_ids), status, self._shard, offset, len(blob),
-                           hashlib.sha256(blob).hexdigest(), float(norm), meta, reason)
+                           hashlib.sha256(blob).hexdigest(), float(norm), meta, reason,
+                           {k: float(v) for k, v in (stats or {}).items()}, float(seconds))
         with open(self.index_path, "a", encoding="utf-8") as f:
             f.write(dumps_line(rec.to_json()))
             if self.fsync:

@@ -49,3 +49,34 @@ class JsonlSink:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def truncate_streams(directory: str | Path, max_seq: int) -> int:
+    """Cut every `<stream>.jsonl` under `directory` back to its lines with `log/seq` <= max_seq (and drop a partial
+    last line): what a resume does before it continues from a snapshot taken at `max_seq`. Streams are append-only
+    with increasing sequence numbers, so this keeps a prefix. Returns the number of lines removed."""
+    import json
+
+    from seqedit.io import atomic_write_text
+
+    removed = 0
+    for path in sorted(Path(directory).glob("*.jsonl")) if Path(directory).is_dir() else []:
+        raw = path.read_bytes()
+        keep: list[str] = []
+        lines = raw.split(b"\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                seq = json.loads(line).get("log/seq")
+            except ValueError:  # an interrupted last write
+                removed += 1
+                continue
+            if seq is None or seq > max_seq:
+                removed += 1
+                continue
+            keep.append(line.decode("utf-8") + "\n")
+        text = "".join(keep)
+        if text.encode("utf-8") != raw:
+            atomic_write_text(path, text)
+    return removed

@@ -106,7 +106,8 @@ def test_metric_keys_are_pinned(assets, tmp_path):
     (rec, *_) = read_jsonl(summary.run_dir / "telemetry" / "edits.jsonl")
     keys = {re.sub(r"^weights/[^/]+/", "weights/<param>/", k) for k in rec}
     assert keys == {
-        "edit/index", "edit/batch", "edit/case_ids", "edit/seconds", "system/rss_mb", "system/peak_memory_mb", "eval/protocol",
+        "edit/index", "edit/batch", "edit/case_ids", "edit/seconds", "edit/status", "system/rss_mb",
+            "system/peak_memory_mb", "eval/protocol",
         "editor/ft/loss_first", "editor/ft/loss_last", "editor/ft/steps",
         "weights/<param>/delta_fro", "weights/<param>/delta_sigma_max", "weights/<param>/drift_fro",
         "weights/<param>/drift_rel", "weights/<param>/norm_fro", "weights/<param>/nonfinite",
