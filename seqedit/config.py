@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -205,6 +206,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_SCI = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert `value` against annotation `tp`; raise ConfigError naming `where`, the value and the type."""
     origin = typing.get_origin(tp)
@@ -259,6 +263,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCI.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-9` (no dot) as a string
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

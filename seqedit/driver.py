@@ -304,7 +304,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             else:  # the world's records exist once the world is built
                 stream, data_info = load_stream(cfg, loaded)
             case_ids = [r.case_id for r in stream]
-            if resuming:
+            if resuming and (run_dir / "data.json").is_file():
                 saved_ids = json.loads((run_dir / "data.json").read_text()).get("case_ids")
                 if saved_ids != case_ids:
                     raise RunError(f"the edit stream changed since the run started ({data_info.get('source')} now "
@@ -378,8 +378,6 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                           config={**cfg.to_dict(), "config_hash": cfg.config_hash()}, name=run_dir.name),
                 state,
             )
-            for p in problems:
-                sinks.alert(state.edits_done, "resume_damage", p)
             score = dict(paraphrase=cfg.eval.paraphrase, neighborhood=cfg.eval.neighborhood,
                          batch_size=cfg.eval.batch_size)
             milestone = parse_schedule(cfg.checkpoint.milestones)
@@ -570,6 +568,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                 for i in range(0, len(stream), FINAL_CHUNK):
                     stop.check()
                     final.extend(evaluate_requests(model, tok, stream[i : i + FINAL_CHUNK], **score))
+                stop.check()
                 metrics.update({f"final/{k}": _mean([getattr(o, k) for o in final]) for k in SCORES})
                 sinks.log("probes", {"edit/index": state.edits_done, "probe/name": "final", "eval/protocol": "final",
                                      **{k: v for k, v in metrics.items() if k.startswith("final/")}})
@@ -593,8 +592,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             return summary
         except (KeyboardInterrupt, StopRequested) as e:
             state.status, state.message = "preempted", str(e) or repr(e)
-            if sinks is not None:
-                sinks.alert(state.edits_done, "preempted", state.message)
+            if sinks is not None:  # (a lifecycle event, not telemetry: a resumed run's streams equal a straight one's)
                 if at_boundary and snapshot is not None:
                     try:
                         snapshot()

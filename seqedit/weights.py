@@ -19,7 +19,10 @@ GRAM_MAX_DIM = 1024  # up to here the exact Gram-matrix route is cheaper than po
 
 def sigma_max(m: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None = None, iters: int = 30) -> float:
     """Largest singular value: exact from rank-one factors; exact via the eigenvalues of the small Gram matrix when
-    one side is at most GRAM_MAX_DIM; else a seeded power iteration on mᵀm (huge matrices of real models)."""
+    one side is at most GRAM_MAX_DIM; else a seeded power iteration on mᵀm (huge matrices of real models). NaN for a
+    matrix with non-finite entries (a guard.policy=allow run keeps such updates)."""
+    if not torch.isfinite(m).all():
+        return float("nan")
     if factors is not None and factors[0].ndim >= 1 and (factors[0].ndim == 1 or factors[0].shape[1] == 1):
         left, right = (f.reshape(-1).double() for f in factors)
         return float(left.norm() * right.norm())

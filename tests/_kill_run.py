@@ -71,8 +71,9 @@ def arm(point: str, n: int) -> None:
 
         ck.atomic_write_json = write
     elif point == "probe":
-        from seqedit.probe_api import PROBES
+        from seqedit.probe_api import PROBES, list_probes
 
+        list_probes()  # discovery registers the built-in probes
         for name in ("retention", "unedited", "perplexity"):
             cls = PROBES.get(name)
             real_call = cls.__call__

@@ -94,3 +94,12 @@ def test_example_configs_load_and_name_real_probes_and_editors(name):
     if name == "long_2000.yaml":
         assert cfg.n_edits == 2000 and cfg.wandb.mode == "offline"
         assert {(p.name, p.schedule) for p in cfg.probes} >= {("retention", "every:100")}
+
+
+def test_scientific_floats_without_a_dot_are_numbers():
+    from seqedit.config import load_config
+
+    cfg = load_config(None, ["guard.max_update_rel=1e-9", "guard.max_update_norm=2E3"])
+    assert cfg.guard.max_update_rel == 1e-9 and cfg.guard.max_update_norm == 2000.0
+    with pytest.raises(ValueError, match="guard.max_update_norm"):
+        load_config(None, ["guard.max_update_norm=big"])

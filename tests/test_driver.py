@@ -14,18 +14,13 @@ from seqedit.metrics import evaluate_requests
 from seqedit.data import load_requests
 from seqedit.wandb_sink import find_offline_run_file, read_offline_history
 from seqedit.weights import sigma_max
-from tests_support import SENTENCES, counterfact_records, make_tiny_gpt2, make_tokenizer
+from tests_support import make_tiny_gpt2, make_tokenizer, write_driver_assets
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    tok = make_tokenizer()
-    model = make_tiny_gpt2(len(tok))
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    (root / "cf.json").write_text(json.dumps(counterfact_records(12)))
-    (root / "text.txt").write_text("\n".join(SENTENCES) + "\n")
+    write_driver_assets(root)
     return root
 
 
@@ -271,7 +266,8 @@ def test_sigterm_stops_at_an_edit_boundary_with_state_saved(assets, tmp_path, mo
     state = json.loads((run_dir / "state.json").read_text())
     assert state["status"] == "preempted" and state["edits_done"] == 3 and state["next_batch"] == 3
     assert len(read_jsonl(run_dir / "telemetry" / "edits.jsonl")) == 3
-    assert read_jsonl(run_dir / "telemetry" / "alerts.jsonl")[-1]["alert/kind"] == "preempted"
+    assert read_jsonl(run_dir / "events.jsonl")[-1]["event"] == "preempted"
+    assert not (run_dir / "telemetry" / "alerts.jsonl").exists()  # lifecycle is not telemetry
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 

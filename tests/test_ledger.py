@@ -110,3 +110,13 @@ def test_run_lock_refuses_a_second_holder(tmp_path):
         with pytest.raises(RunLocked, match="in use by another process"):
             RunLock(tmp_path).acquire()
     assert not RunLock.is_locked(tmp_path)
+
+
+def test_rejected_records_before_any_shard_survive_open(tmp_path):
+    from seqedit.ledger import Ledger
+
+    led = Ledger.open(tmp_path / "ledger")
+    led.append(0, 1, ["a"], {}, norm=5.0, status="rejected", reason="update_norm: too big")
+    again = Ledger.open(tmp_path / "ledger")
+    assert again.problems == [] and [r.status for r in again.records] == ["rejected"]
+    assert again.records[0].reason == "update_norm: too big" and again.read(0) == {}

@@ -66,3 +66,18 @@ def counterfact_records(n: int = 12) -> list[dict]:
             "attribute_prompts": [], "generation_prompts": [f"{s} is"],
         })
     return recs
+
+
+def write_driver_assets(root) -> None:
+    """A tiny GPT-2 + tokenizer saved with save_pretrained under root/model, 12 CounterFact records in root/cf.json
+    and a small text in root/text.txt: what the driver tests run on (no world build)."""
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    tok = make_tokenizer()
+    model = make_tiny_gpt2(len(tok))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "cf.json").write_text(json.dumps(counterfact_records(12)))
+    (root / "text.txt").write_text("\n".join(SENTENCES) + "\n")
