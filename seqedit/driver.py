@@ -53,6 +53,10 @@ class RunError(RuntimeError):
     pass
 
 
+class ResumeRefused(RunError):
+    """A resume found that the base model or the edit stream changed: nothing was touched, the run keeps its state."""
+
+
 def default_cache_dir(configured: str | None = None) -> Path:
     """`cache_dir` from the config, else the same root `seqedit world build` uses."""
     from seqedit.world.build import default_cache_dir as world_default
@@ -79,6 +83,9 @@ class RunState:
     edit_seconds: float = 0.0  # editor-call time summed over live calls
     edit_calls: int = 0  # live editor calls (replays excluded)
     loop_seconds: float = 0.0  # wall time of the edit loop (probes included), summed over sessions
+    ledger_seconds: float = 0.0  # time spent committing ledger records (live calls)
+    snapshot_seconds: float = 0.0  # time spent writing and pruning snapshots
+    snapshots_written: int = 0
     base_fingerprint: str = ""  # sha256 of the touched parameters of the unedited model
     last_snapshot: int | None = None  # edits_done of the newest snapshot
     resumes: int = 0
@@ -307,7 +314,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             if resuming and (run_dir / "data.json").is_file():
                 saved_ids = json.loads((run_dir / "data.json").read_text()).get("case_ids")
                 if saved_ids != case_ids:
-                    raise RunError(f"the edit stream changed since the run started ({data_info.get('source')} now "
+                    raise ResumeRefused(f"the edit stream changed since the run started ({data_info.get('source')} now "
                                    f"gives other requests or another order): refusing to resume {run_dir}")
             else:
                 atomic_write_json(run_dir / "data.json", {**data_info, "case_ids": case_ids})
@@ -326,7 +333,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             tracker.remember(model, declared)  # W0 from the base model, also on resume
             fingerprint = model_fingerprint(model, declared)
             if resuming and state.base_fingerprint and fingerprint != state.base_fingerprint:
-                raise RunError(f"the base model {cfg.model.name!r} changed since the run started (touched "
+                raise ResumeRefused(f"the base model {cfg.model.name!r} changed since the run started (touched "
                                f"parameters {declared} hash {fingerprint[:12]}, the run recorded "
                                f"{state.base_fingerprint[:12]}): refusing to resume {run_dir}")
             state.base_fingerprint = fingerprint
@@ -347,7 +354,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                 restore_rng(extra["rng"])
                 saved = snap.manifest["state"]
                 for key in ("next_batch", "edits_done", "rejected", "log_seq", "immediate_sums", "baseline",
-                            "probe_seconds", "edit_seconds", "edit_calls", "loop_seconds"):
+                            "probe_seconds", "edit_seconds", "edit_calls", "loop_seconds", "ledger_seconds",
+                            "snapshot_seconds", "snapshots_written"):
                     setattr(state, key, saved[key])
                 state.last_snapshot = snap.edits_done
                 for rec in ledger.records[: state.next_batch]:
@@ -358,13 +366,15 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                 for key in ("next_batch", "edits_done", "rejected", "log_seq", "edit_calls"):
                     setattr(state, key, 0)
                 state.immediate_sums, state.baseline, state.probe_seconds = {}, {}, {}
-                state.edit_seconds = state.loop_seconds = 0.0
+                state.edit_seconds = state.loop_seconds = state.ledger_seconds = state.snapshot_seconds = 0.0
+                state.snapshots_written = 0
                 state.last_snapshot = None
             if resuming:
                 cut = truncate_streams(run_dir / "telemetry", state.log_seq)
                 replay = len(ledger) - state.next_batch
                 event(run_dir, "resumed", snapshot=snap.path.name if snap else None, next_batch=state.next_batch,
-                      replay_calls=replay, telemetry_lines_cut=cut, problems=problems)
+                      replay_calls=replay, telemetry_lines_cut=cut, problems=problems,
+                      seconds_since_start=time.perf_counter() - t_start)
                 say(f"restored {snap.path.name if snap else 'nothing (no good snapshot)'}; {replay} committed "
                     f"calls to replay from the ledger" + "".join(f"\n  {p}" for p in problems))
             say(f"model {loaded.name} ({loaded.arch.name}), editor {editor.name} on {declared}, {len(stream)} edits, "
@@ -391,14 +401,17 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                     return
                 if state.last_snapshot == state.edits_done and (run_dir / "snapshots").is_dir():
                     return  # this cursor is already saved
+                t0 = time.perf_counter()
                 sinks.jsonl.sync()  # the streams must hold every line up to log_seq before the snapshot says so
                 state.last_snapshot = state.edits_done
+                state.snapshots_written += 1
                 write_snapshot(run_dir, params, {"editor": editor.state_dict(), "rng": capture_rng()},
                                {"edits_done": state.edits_done, "next_batch": state.next_batch,
                                 "log_seq": state.log_seq, "config_hash": state.config_hash,
                                 "state": dataclasses.asdict(state)})
                 prune(run_dir, cfg.checkpoint.keep_last,
                       lambda e: e == 0 or milestone.due(e, (), max(0, e - spacing)))
+                state.snapshot_seconds += time.perf_counter() - t0
                 state.save(run_dir)
 
             def run_probes(edit_index: int, signals: set[str], previous: int | None,
@@ -444,6 +457,16 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             t_loop = time.perf_counter()
             loop_before = state.loop_seconds
             last_beat = 0.0
+            replay_from = state.next_batch if state.next_batch < len(ledger) else None
+            t_replay = time.perf_counter()
+
+            def replayed() -> None:
+                nonlocal replay_from
+                if replay_from is not None:
+                    event(run_dir, "replayed", calls=min(len(ledger), len(batches)) - replay_from,
+                          seconds=time.perf_counter() - t_replay)
+                    replay_from = None
+
             try:
                 for b in range(state.next_batch, len(batches)):
                     at_boundary = False
@@ -463,6 +486,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                         else:
                             result, verdict = None, (rec.reason.split(":", 1)[0], rec.reason.split(": ", 1)[-1])
                     else:
+                        replayed()
                         t0 = time.perf_counter()
                         proposal = editor.compute(model, tok, batch)
                         edit_seconds = time.perf_counter() - t0
@@ -479,13 +503,17 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                                             "run stopped (guard.policy=stop)")
                                 raise RunError(f"{verdict[1]} at edit {position} (case ids {ids}); the update was "
                                                f"rolled back and the run stopped (guard.policy=stop)")
+                            t1 = time.perf_counter()
                             ledger.append(b, position, ids, {}, norm=norm, status="rejected",
                                           reason=f"{verdict[0]}: {verdict[1]}", stats=editor_stats,
                                           seconds=edit_seconds)
+                            state.ledger_seconds += time.perf_counter() - t1
                             result = None
                         else:
+                            t1 = time.perf_counter()
                             rec = ledger.append(b, position, ids, result.added, proposal.factors, norm=norm,
                                                 stats=editor_stats, seconds=edit_seconds)
+                            state.ledger_seconds += time.perf_counter() - t1
                             # telemetry uses the factors as the ledger holds them, so a replay reports the same
                             factors = {n: (f[0].detach().cpu(), f[1].detach().cpu())
                                        for n, f in proposal.factors.items() if rec.params[n]["kind"] == "factors"}
@@ -550,6 +578,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                     elif (b + 1) % cfg.telemetry.state_every == 0:
                         state.save(run_dir)
                     stop.check()  # a stop request during this step is honoured here, at a step boundary
+                replayed()
             finally:
                 bar.close()
                 state.loop_seconds = loop_before + time.perf_counter() - t_loop
@@ -599,6 +628,10 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                     except Exception as snap_err:  # noqa: BLE001 - the stop must still be recorded
                         log.warning("snapshot at stop failed: %s", snap_err)
             event(run_dir, "preempted", message=state.message, edits_done=state.edits_done)
+            raise
+        except ResumeRefused as e:
+            event(run_dir, "resume_refused", message=str(e))
+            state = RunState.load(run_dir)  # unchanged on disk: the finally below rewrites it as it was
             raise
         except BaseException as e:
             state.status, state.message = "failed", str(e) or repr(e)

@@ -231,8 +231,7 @@ def test_sigterm_in_each_phase_then_resume(assets, gpt2_reference, tmp_path, mon
 # -- damage: snapshots and ledger shards ----------------------------------------------------------------------------
 
 def _preempt_after(assets, runs, n_calls):
-    import seqedit.driver as drv  # noqa: F401
-
+    """A 10-edit random run stopped by SIGTERM arriving in its n-th editor call."""
     from seqedit.editors.random import RandomEditor
 
     cfg = load_config(None, gpt2_args(assets, runs))
@@ -469,3 +468,51 @@ def test_concurrent_identical_runs_each_finish_in_their_own_directory(assets, tm
     assert [p.returncode for p in procs] == [0, 0, 0], [o[1][-500:] for o in outs]
     dirs = sorted(p.name for p in tmp_path.iterdir())
     assert len(dirs) == 3 and all(summary(tmp_path / d)["status"] == "finished" for d in dirs)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("editor.layers=[7]", "layer 7"),
+    ("data.source=/nonexistent/cf.json", "/nonexistent/cf.json"),
+    ("model.name=/nonexistent/model", "/nonexistent/model"),
+    ("probes=[{name: downstream, tasks: [no_such_task]}]", "no_such_task"),
+    ("telemetry.state_every=0", "state_every"),
+    ("checkpoint.snapshot_every=0", "snapshot_every"),
+    ("guard.policy=ignore", "guard.policy"),
+    ("editor.relative_nrom=0.1", "relative_norm"),  # did-you-mean
+])
+def test_bad_input_exits_2_before_any_run_directory(assets, tmp_path, capsys, bad, message):
+    runs = tmp_path / "runs"
+    assert main(["run", *gpt2_args(assets, runs), bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seqedit: error:") and message in err, err
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_resume_refuses_a_changed_base_model_or_stream_and_keeps_the_state(assets, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    mine = tmp_path / "assets"
+    shutil.copytree(assets, mine)
+    run_dir = _preempt_after(mine, tmp_path / "runs", 4)
+    before = RunState.load(run_dir)
+
+    model = AutoModelForCausalLM.from_pretrained(mine / "model")
+    with torch.no_grad():
+        model.get_parameter("transformer.h.0.mlp.c_proj.weight")[0, 0] += 1.0
+    model.save_pretrained(mine / "model")
+    assert main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "base model" in err and "changed since the run started" in err
+    assert RunState.load(run_dir).status == "preempted" == before.status
+
+    shutil.copytree(assets / "model", mine / "model", dirs_exist_ok=True)  # the model back, the data changed
+    records = json.loads((mine / "cf.json").read_text())
+    records[0]["case_id"] = 999
+    (mine / "cf.json").write_text(json.dumps(records))
+    assert main(["resume", str(run_dir)]) == 2
+    assert "edit stream changed" in capsys.readouterr().err
+    after = RunState.load(run_dir)
+    assert after.status == "preempted" and after.next_batch == before.next_batch
+    assert [e["event"] for e in read_jsonl(run_dir / "events.jsonl")][-4:] == ["started", "resume_refused"] * 2
