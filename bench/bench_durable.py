@@ -100,10 +100,12 @@ def main() -> None:
 
     world = load_model(ModelConfig(name="world:tiny"))
     tiny_bytes = sum(p.numel() for p in world.model.parameters()) * 4
-    for editor, extra in (("rome", []), ("ft", [])):
-        results["runs"].append(measure_run(f"world:tiny {editor}", tmp / f"tiny-{editor}",
-                                           ["model.name=world:tiny", f"editor.name={editor}", f"n_edits={args.edits}",
-                                            *common, *extra], tiny_bytes))
+    for editor in ("rome", "ft"):
+        for fsync in ("snapshot", "commit"):
+            results["runs"].append(measure_run(
+                f"world:tiny {editor} fsync={fsync}", tmp / f"tiny-{editor}-{fsync}",
+                ["model.name=world:tiny", f"editor.name={editor}", f"n_edits={args.edits}", *common,
+                 f"checkpoint.fsync={fsync}"], tiny_bytes))
 
     # gpt2-xl's edited layer shape: c_proj of 6400 x 1600, in a 2-layer random GPT-2 with a small vocabulary
     from tests_support import counterfact_records, make_tokenizer
@@ -117,7 +119,7 @@ def main() -> None:
     GPT2LMHeadModel(cfg).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     cf = tmp / "cf.json"
-    cf.write_text(json.dumps(counterfact_records(12) * ((args.edits // 12) + 1)))
+    cf.write_text(json.dumps(counterfact_records(args.edits)))
     xl = AutoConfig.for_model("gpt2", n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257)
     xl_bytes = checkpoint_bytes(xl)
     results["gpt2_xl_checkpoint_bytes"] = xl_bytes

@@ -78,7 +78,10 @@ class CheckpointConfig:
     snapshot_every: int = 100  # editor calls between snapshots (one is also taken at a stop and at the end)
     keep_last: int = 2  # newest snapshots kept ...
     milestones: str = "every:1000"  # ... plus those at these edit indices (a schedule; "never" = none)
-    fsync: bool = True  # fsync every ledger commit (off only on filesystems where fsync is pathologically slow)
+    # When ledger records reach the disk: "snapshot" = flushed to the OS at every commit (a killed process loses
+    # nothing) and fsync'd before each snapshot (a crashed *machine* loses at most the calls since the last snapshot,
+    # which the resume recomputes bit-identically); "commit" = fsync'd at every commit (costs ~1.6 ms per edit here).
+    fsync: str = "snapshot"  # snapshot | commit
 
 
 @dataclass(frozen=True)
@@ -308,6 +311,7 @@ CHOICES = {
     "data.on_error": ("raise", "skip"),
     "wandb.mode": ("online", "offline", "disabled"),
     "guard.policy": ("reject", "stop", "allow"),
+    "checkpoint.fsync": ("snapshot", "commit"),
 }
 # Counts that divide or bound something: 0 would be a ZeroDivisionError or a run that keeps nothing, hours in.
 MINIMUMS = {"n_edits": 1, "batch_size": 1, "telemetry.state_every": 1, "checkpoint.snapshot_every": 1,

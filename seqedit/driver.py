@@ -340,7 +340,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             stop.check()
 
             # -- ledger and snapshot: where this session starts ---------------------------------------------
-            ledger = Ledger.open(run_dir / "ledger", fsync=cfg.checkpoint.fsync)
+            ledger = Ledger.open(run_dir / "ledger", fsync=cfg.checkpoint.fsync == "commit")
             problems = list(ledger.problems)
             snap = latest_good(run_dir, max_batch=len(ledger), report=problems.append) if resuming else None
             applied: list[EditRequest] = []
@@ -402,6 +402,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                 if state.last_snapshot == state.edits_done and (run_dir / "snapshots").is_dir():
                     return  # this cursor is already saved
                 t0 = time.perf_counter()
+                ledger.sync()  # the snapshot's cursor must never be ahead of the durable ledger
                 sinks.jsonl.sync()  # the streams must hold every line up to log_seq before the snapshot says so
                 state.last_snapshot = state.edits_done
                 state.snapshots_written += 1

@@ -224,6 +224,16 @@ class Ledger:
             raise LedgerError(f"ledger record of batch {batch}: checksum mismatch (the ledger changed while reading)")
         return decode_with_factors(st_load(blob), rec.params)
 
+    def sync(self) -> None:
+        """fsync the current shard and the index (before a snapshot that says these records exist)."""
+        for path in (self.shard_path(self._shard), self.index_path):
+            if path.exists():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.records) + (self.index_path.stat().st_size if self.index_path.exists() else 0)
 
@@ -238,6 +248,8 @@ class Ledger:
         tensors, meta = encode(added, factors) if status == "applied" else ({}, {})
         blob = st_save(tensors) if tensors else b""
         if self._shard_size and self._shard_size + len(blob) > SHARD_BYTES:
+            if not self.fsync:
+                self.sync()  # the finished shard reaches the disk before records go to the next one
             self._shard, self._shard_size = self._shard + 1, 0
         offset = self._shard_size
         if blob:
