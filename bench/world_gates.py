@@ -31,7 +31,7 @@ from seqedit.data import load_requests, order_requests
 from seqedit.archs import arch_for
 from seqedit.editors._rome_core import subject_keys
 from seqedit.editors.base import EditorContext, get_editor
-from seqedit.driver import is_spike
+from seqedit.analysis.detect import SpikeConfig, SpikeDetector
 from seqedit.metrics import evaluate_requests, mean_of
 from seqedit.probes import never_edited_world_facts
 from seqedit.scoring import score_targets
@@ -138,6 +138,7 @@ def gate_sequential(model, tok, world, requests, layer, n, options, tmp: Path, e
     max_ratio = 0.0  # largest ||dW|| / running median of the earlier ones (after the driver's 10-edit warm-up)
     # relative to the *unedited* matrix: rome/update_rel divides by the current ||W||, which grows as edits pile up
     w0_norm = sum(float(model.get_parameter(n).norm()) ** 2 for n in editor.params(model)) ** 0.5
+    spike_rule = SpikeDetector(SpikeConfig(min_ratio=SPIKE_FACTOR))
     t0 = time.perf_counter()
     try:
         for i, r in enumerate(requests[:n], start=1):
@@ -145,10 +146,11 @@ def gate_sequential(model, tok, world, requests, layer, n, options, tmp: Path, e
             fro = float(proposal.stats["rome/update_fro"])
             fros.append(fro)
             rels.append(fro / w0_norm)
+            flagged = spike_rule.update({"w": fro})  # the driver's online disabling-edit detector
             if len(fros) > 10:
                 ratio = fro / statistics.median(fros[:-1])
                 max_ratio = max(max_ratio, ratio)
-                if is_spike(fros, SPIKE_FACTOR, warmup=10):  # the driver's norm-spike rule
+                if flagged:
                     spikes.append({"edit": i, "update_fro": fro, "x_median": ratio})
             key_cos.append(float(proposal.stats.get("rome/key_cos", math.nan)))
             apply_proposal(model, proposal, editor.params(model))

@@ -1,4 +1,4 @@
-"""`seqedit` command line: run, resume, status, export, world build|info, trace, push-wandb, list-editors."""
+"""`seqedit` command line: run, resume, status, export, report, world build|info, trace, push-wandb, list-editors."""
 from __future__ import annotations
 
 import argparse
@@ -42,7 +42,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = find_resumable(cfg) if args.resume else None  # a Slurm requeue runs the same command again
     if run_dir is not None:
         _say(f"--resume: continuing {run_dir}")
-    _print_summary(run(cfg, progress=_say, run_dir=run_dir))
+    summary = run(cfg, progress=_say, run_dir=run_dir)
+    _print_summary(summary)
+    if not args.no_report:
+        _report_of(summary.run_dir)
+    return 0
+
+
+def _report_of(run_dir: Path) -> None:
+    """The run's report and its three-line conclusion (a failure here never undoes a finished run)."""
+    from seqedit.analysis.report import write_report
+
+    try:
+        out = write_report([run_dir])
+    except Exception as e:  # noqa: BLE001 - the run is done; say why there is no report
+        print(f"report: not written ({type(e).__name__}: {e}); retry with `seqedit report {run_dir}`")
+        return
+    for line in json.loads((out / "summary.json").read_text())["runs"][0]["conclusion"]:
+        print(f"  {line}")
+    print(f"report: {out / 'index.html'}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from seqedit.analysis.detect import SpikeConfig
+    from seqedit.analysis.report import write_report
+
+    spike = SpikeConfig(window=args.window, z=args.z, min_ratio=args.min_ratio)
+    out = write_report([Path(d) for d in args.run_dirs], args.out, causal=args.causal, spike=spike, progress=_say)
+    for run in json.loads((out / "summary.json").read_text())["runs"]:
+        print(run["run"])
+        for line in run["conclusion"]:
+            print(f"  {line}")
+    print(f"report: {out / 'index.html'}")
     return 0
 
 
@@ -162,7 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. editor.name=random n_edits=50")
     r.add_argument("--resume", action="store_true", help="continue the newest run directory of this config if one "
                    "exists (what a requeued cluster job does); a finished one just prints its summary")
+    r.add_argument("--no-report", action="store_true", help="do not write RUN_DIR/report at the end")
     r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="forgetting curves, disabling edits and phases of one or more runs (HTML)")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", default=None, help="report folder (default RUN_DIR/report for one run, ./report)")
+    rp.add_argument("--causal", action="store_true", help="confirm flagged edits by removing them (ledger; "
+                    "loads the model)")
+    rp.add_argument("--window", type=int, default=100, help="disabling-edit detector: running window")
+    rp.add_argument("--z", type=float, default=6.0, help="disabling-edit detector: robust z-score threshold")
+    rp.add_argument("--min-ratio", type=float, default=5.0, help="disabling-edit detector: x window median")
+    rp.set_defaults(func=cmd_report)
 
     rs = sub.add_parser("resume", help="continue an interrupted run from its snapshot + ledger, bit-exactly")
     rs.add_argument("run_dir")

@@ -63,10 +63,13 @@ class ProbeSpec:
 
 @dataclass(frozen=True)
 class TelemetryConfig:
-    # A single update whose norm is >= spike_factor x the running median of earlier updates raises the "norm_spike"
-    # signal (on-signal probes run, an alert is written): the signature of a disabling edit.
-    spike_factor: float = 10.0
-    spike_warmup: int = 10  # edits before spikes are judged (the median needs a few samples)
+    # Online disabling-edit detector (seqedit.analysis.detect): an update whose ‖ΔW‖_F is >= spike_factor x the
+    # median of the previous spike_window updates of that parameter *and* spike_z robust z-scores (MAD) above it in
+    # log units raises the "norm_spike" signal (on-signal probes run, an alert is written).
+    spike_factor: float = 5.0
+    spike_z: float = 6.0
+    spike_window: int = 100
+    spike_warmup: int = 10  # earlier updates needed before spikes are judged
     heartbeat_seconds: float = 60.0  # heartbeat.json + one log line at most this often
     state_every: int = 50  # save state.json every N editor calls (it is O(1): cursor, counters, last snapshot)
 
@@ -315,7 +318,8 @@ CHOICES = {
 }
 # Counts that divide or bound something: 0 would be a ZeroDivisionError or a run that keeps nothing, hours in.
 MINIMUMS = {"n_edits": 1, "batch_size": 1, "telemetry.state_every": 1, "checkpoint.snapshot_every": 1,
-            "checkpoint.keep_last": 1, "eval.batch_size": 1, "telemetry.spike_warmup": 0}
+            "checkpoint.keep_last": 1, "eval.batch_size": 1, "telemetry.spike_warmup": 1,
+            "telemetry.spike_window": 2}
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

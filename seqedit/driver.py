@@ -20,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import socket
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,12 +188,13 @@ def load_stream(cfg: RunConfig, loaded) -> tuple[list[EditRequest], dict[str, An
     return list(ordered[: cfg.n_edits]), info
 
 
-def is_spike(norms: list[float], factor: float, warmup: int) -> bool:
-    """The last update norm is >= factor x the median of the earlier ones (after `warmup` earlier updates)."""
-    if len(norms) <= warmup:
-        return False
-    med = statistics.median(norms[:-1])
-    return med > 0 and norms[-1] >= factor * med
+def spike_detector(cfg: RunConfig):
+    """The online disabling-edit detector the config asks for (seqedit.analysis.detect)."""
+    from seqedit.analysis.detect import SpikeConfig, SpikeDetector
+
+    t = cfg.telemetry
+    return SpikeDetector(SpikeConfig(window=t.spike_window, min_history=min(t.spike_warmup, t.spike_window),
+                                     z=t.spike_z, min_ratio=t.spike_factor))
 
 
 def guard_verdict(cfg: RunConfig, deltas: dict[str, torch.Tensor], w0_norm: dict[str, float],
@@ -201,9 +202,11 @@ def guard_verdict(cfg: RunConfig, deltas: dict[str, torch.Tensor], w0_norm: dict
     """(alert kind, message) when an applied update breaks the guard: non-finite values in the delta or in the
     weights it leaves, or a norm beyond `guard.max_update_norm` / `guard.max_update_rel`; else None."""
     for name, d in deltas.items():
-        if not torch.isfinite(d).all() or not torch.isfinite(model.get_parameter(name)).all():
+        # a finite float64 norm <=> every entry finite (float32 squares cannot overflow float64)
+        norm = float(torch.linalg.vector_norm(d, dtype=torch.float64))
+        weights = float(torch.linalg.vector_norm(model.get_parameter(name).detach(), dtype=torch.float64))
+        if not (math.isfinite(norm) and math.isfinite(weights)):
             return "nonfinite", f"non-finite values in the update of {name} or in the weights it leaves"
-        norm = float(d.double().norm())
         if cfg.guard.max_update_norm is not None and norm > cfg.guard.max_update_norm:
             return "update_norm", f"‖ΔW‖_F of {name} = {norm:.4g} > guard.max_update_norm={cfg.guard.max_update_norm}"
         rel = norm / w0_norm[name] if w0_norm.get(name) else float("inf")
@@ -344,7 +347,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             problems = list(ledger.problems)
             snap = latest_good(run_dir, max_batch=len(ledger), report=problems.append) if resuming else None
             applied: list[EditRequest] = []
-            update_norms: list[float] = []
+            detector = spike_detector(cfg)
             if snap is not None:
                 extra = snap.extra()
                 with torch.no_grad():
@@ -361,7 +364,6 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                 for rec in ledger.records[: state.next_batch]:
                     if rec.status == "applied":
                         applied.extend(stream[rec.edit_index - len(rec.case_ids) : rec.edit_index])
-                        update_norms.append(rec.norm)
             elif resuming:  # nothing usable: start over in the same directory, the ledger replays what it holds
                 for key in ("next_batch", "edits_done", "rejected", "log_seq", "edit_calls"):
                     setattr(state, key, 0)
@@ -371,6 +373,9 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                 state.last_snapshot = None
             if resuming:
                 cut = truncate_streams(run_dir / "telemetry", state.log_seq)
+                for rec in read_jsonl(run_dir / "telemetry" / "edits.jsonl"):  # the detector's window, as it was
+                    if rec.get("edit/status") == "applied":
+                        detector.update(_update_norms(rec))
                 replay = len(ledger) - state.next_batch
                 event(run_dir, "resumed", snapshot=snap.path.name if snap else None, next_batch=state.next_batch,
                       replay_calls=replay, telemetry_lines_cut=cut, problems=problems,
@@ -396,7 +401,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             def snapshot() -> None:
                 """Touched parameters + editor state + RNG + run state at a step boundary; never non-finite."""
                 params = {n: model.get_parameter(n).detach() for n in declared}
-                if not all(torch.isfinite(p).all() for p in params.values()):
+                if not all(math.isfinite(float(torch.linalg.vector_norm(p, dtype=torch.float64)))
+                           for p in params.values()):
                     sinks.alert(state.edits_done, "snapshot_skipped", "non-finite weights are never snapshotted")
                     return
                 if state.last_snapshot == state.edits_done and (run_dir / "snapshots").is_dir():
@@ -496,7 +502,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                         editor_stats = dict(proposal.stats)
                         result = apply_proposal(model, proposal, declared, allow_nonfinite=True)
                         verdict = guard_verdict(cfg, dict(result.deltas), tracker.w0_norm, model)
-                        norm = max((float(d.double().norm()) for d in result.deltas.values()), default=0.0)
+                        norm = max((float(torch.linalg.vector_norm(d, dtype=torch.float64))
+                                    for d in result.deltas.values()), default=0.0)
                         if verdict is not None and cfg.guard.policy != "allow":
                             revert(model, result)  # exact: the pre-edit values are copied back
                             if cfg.guard.policy == "stop":
@@ -541,15 +548,15 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                         applied.extend(batch)
                         wstats = tracker.stats(model, result.deltas, factors)
                         record.update(wstats)
-                        # Disabling-edit early warning: one update far above the running median.
-                        update_norms.append(max((v for k, v in wstats.items() if k.endswith("/delta_fro")),
-                                                default=0.0))
-                        if is_spike(update_norms, cfg.telemetry.spike_factor, cfg.telemetry.spike_warmup):
+                        # Disabling-edit early warning: an update far above the running window of its parameter.
+                        spikes = detector.update(_update_norms(wstats))
+                        if spikes:
+                            s = spikes[0]
                             signals.add("norm_spike")
                             record["edit/norm_spike"] = 1.0
                             sinks.alert(position, "norm_spike",
-                                        f"update norm {update_norms[-1]:.4g} >= {cfg.telemetry.spike_factor}x the "
-                                        f"running median; case ids {ids}")
+                                        f"update norm of {s.param} {s.norm:.4g} = {s.ratio:.3g}x the median of the "
+                                        f"previous {cfg.telemetry.spike_window} (robust z {s.z:.1f}); case ids {ids}")
                         if verdict is not None:  # guard.policy=allow: kept, but said
                             sinks.alert(position, verdict[0], f"{verdict[1]}; case ids {ids}; kept "
                                         "(guard.policy=allow)")
@@ -645,6 +652,12 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             _heartbeat(run_dir, state, cfg.n_edits, t_start, session_start, {}, None)
             if sinks is not None and not ok:
                 sinks.close(ok=False)
+
+
+def _update_norms(record: dict[str, Any]) -> dict[str, float]:
+    """{param: ‖ΔW‖_F} from weights/<param>/delta_fro keys (a live wstats dict or an edits.jsonl record)."""
+    return {k[len("weights/"): -len("/delta_fro")]: float(v) for k, v in record.items()
+            if k.startswith("weights/") and k.endswith("/delta_fro") and isinstance(v, (int, float))}
 
 
 def _mean(values: list[float | None]) -> float | None:

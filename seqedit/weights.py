@@ -6,6 +6,7 @@ for rank-one deltas via ‖u‖‖v‖, power iteration otherwise) and a non-fin
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -21,11 +22,11 @@ def sigma_max(m: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None
     """Largest singular value: exact from rank-one factors; exact via the eigenvalues of the small Gram matrix when
     one side is at most GRAM_MAX_DIM; else a seeded power iteration on mᵀm (huge matrices of real models). NaN for a
     matrix with non-finite entries (a guard.policy=allow run keeps such updates)."""
-    if not torch.isfinite(m).all():
-        return float("nan")
     if factors is not None and factors[0].ndim >= 1 and (factors[0].ndim == 1 or factors[0].shape[1] == 1):
         left, right = (f.reshape(-1).double() for f in factors)
         return float(left.norm() * right.norm())
+    if not torch.isfinite(m).all():
+        return float("nan")
     if min(m.shape) <= GRAM_MAX_DIM:
         md = m.double()
         gram = md.T @ md if m.shape[1] <= m.shape[0] else md @ md.T  # [k, k], k = min(shape)
@@ -78,6 +79,8 @@ class WeightTracker:
             out[prefix + "delta_sigma_max"] = sigma_max(delta, (factors or {}).get(name))
             out[prefix + "drift_fro"] = drift
             out[prefix + "drift_rel"] = drift / self.w0_norm[name] if self.w0_norm[name] else float("inf")
-            out[prefix + "norm_fro"] = float(w.float().norm())
-            out[prefix + "nonfinite"] = float((~torch.isfinite(w)).sum())
+            norm = float(torch.linalg.vector_norm(w, dtype=torch.float64))
+            out[prefix + "norm_fro"] = norm
+            # a finite norm means every entry is finite: count only when it is not (one pass saved per edit)
+            out[prefix + "nonfinite"] = 0.0 if math.isfinite(norm) else float((~torch.isfinite(w)).sum())
         return out
