@@ -25,6 +25,11 @@ def materialise(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype = to
     rounded once to `dtype`. (A BLAS matmul may sum in a thread- or device-dependent order; elementwise IEEE ops do
     not.) For rank one with float32 factors this equals the float32 outer product exactly. left: [rows, r] or [rows],
     right: [cols, r] or [cols] -> [rows, cols]."""
+    if (dtype == torch.float32 and left.dtype == right.dtype == torch.float32
+            and (left.ndim == 1 or left.shape[1] == 1) and (right.ndim == 1 or right.shape[1] == 1)):
+        # rank one, float32: a float32 product is the exact (float64) product rounded once, so this is the same
+        # bits as the float64 route at a quarter of the memory traffic
+        return left.reshape(-1, 1) * right.reshape(1, -1).to(left.device)
     lf, rf = left.double(), right.double().to(left.device)
     if lf.ndim == 1:
         lf, rf = lf[:, None], rf[:, None]
