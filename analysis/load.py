@@ -56,11 +56,16 @@ class RunData:
 _NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
 
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def _frame(rows: list[dict[str, Any]], items: bool = False) -> pd.DataFrame:
+    """Records -> DataFrame. Records are deduplicated by log/seq; item rows share the seq of the record they belong
+    to, so they are deduplicated as whole rows instead."""
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows)
-    if "log/seq" in df:
+    if items:
+        key = df.map(lambda v: str(v) if isinstance(v, (list, dict)) else v)
+        df = df[~key.duplicated(keep="last")].reset_index(drop=True)
+    elif "log/seq" in df:
         df = df.drop_duplicates("log/seq", keep="last").sort_values("log/seq").reset_index(drop=True)
     for col in df.columns:  # JSON has no NaN/Inf: the writer stores them as strings
         if df[col].dtype == object and df[col].isin(list(_NONFINITE)).any():
@@ -82,7 +87,7 @@ def load_run(run_dir: str | Path) -> RunData:
     tel = run_dir / "telemetry"
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    items = {p.stem[len("items-"):]: _frame(read_jsonl(p)) for p in sorted(tel.glob("items-*.jsonl"))}
+    items = {p.stem[len("items-"):]: _frame(read_jsonl(p), items=True) for p in sorted(tel.glob("items-*.jsonl"))}
     matrix = None
     if (run_dir / "retention_matrix.csv").is_file():
         matrix = pd.read_csv(run_dir / "retention_matrix.csv", index_col=[0, 1])

@@ -129,3 +129,40 @@ def phases(probes: pd.DataFrame, edits: pd.DataFrame, cfg: PhaseConfig | None = 
     tables = [t for t in tables if not t.empty]
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
         columns=["curve", "start", "end", "y_start", "y_end", "q_start", "q_end", "rate_per_1k", "label"])
+
+
+class CollapseMonitor:
+    """Online: fed each probe record's metrics, says when a quality curve (control recall, mean downstream
+    accuracy) has fallen to chance: at or below chance + `margin` x (its first value - chance). Fires once per
+    curve. The first value seen (the forced probes before the first edit) is the baseline."""
+
+    def __init__(self, margin: float = 0.1) -> None:
+        self.margin = margin
+        self.baseline: dict[str, float] = {}
+        self.fired: dict[str, int] = {}  # curve -> edit index where it collapsed
+
+    @staticmethod
+    def curves(metrics: dict) -> dict[str, tuple[float, float]]:
+        """curve -> (value, chance) from one probe record's metrics."""
+        out = {}
+        if isinstance(metrics.get("probe/unedited/recall"), (int, float)):
+            out["control_recall"] = (float(metrics["probe/unedited/recall"]), 0.0)
+        accs = [k for k, v in metrics.items() if k.startswith("downstream/") and k.endswith("/acc")
+                and isinstance(v, (int, float))]
+        if accs:
+            chance = [float(metrics.get(k.replace("/acc", "/chance")) or 0.0) for k in accs]
+            out["downstream"] = (float(np.mean([metrics[k] for k in accs])), float(np.mean(chance)))
+        return out
+
+    def update(self, edit_index: int, metrics: dict) -> list[tuple[str, float, float]]:
+        """The curves that collapsed with this record: (curve, value, baseline)."""
+        new = []
+        for name, (value, chance) in self.curves(metrics).items():
+            if name not in self.baseline:
+                self.baseline[name] = value
+                continue
+            base = self.baseline[name]
+            if name not in self.fired and base > chance and value <= chance + self.margin * (base - chance):
+                self.fired[name] = edit_index
+                new.append((name, value, base))
+        return new

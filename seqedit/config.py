@@ -70,6 +70,10 @@ class TelemetryConfig:
     spike_z: float = 6.0
     spike_window: int = 100
     spike_warmup: int = 10  # earlier updates needed before spikes are judged
+    # Collapse: control recall or mean downstream accuracy at or below chance + collapse_margin x (pre-edit value -
+    # chance) raises a "collapse" alert; stop_on_collapse then ends the editing there (the final phase still runs).
+    collapse_margin: float = 0.1
+    stop_on_collapse: bool = False
     heartbeat_seconds: float = 60.0  # heartbeat.json + one log line at most this often
     state_every: int = 50  # save state.json every N editor calls (it is O(1): cursor, counters, last snapshot)
 

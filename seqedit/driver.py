@@ -89,6 +89,7 @@ class RunState:
     base_fingerprint: str = ""  # sha256 of the touched parameters of the unedited model
     last_snapshot: int | None = None  # edits_done of the newest snapshot
     resumes: int = 0
+    stopped_early: str = ""  # why editing ended before n_edits (telemetry.stop_on_collapse), else ""
     message: str = ""
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
@@ -348,6 +349,9 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             snap = latest_good(run_dir, max_batch=len(ledger), report=problems.append) if resuming else None
             applied: list[EditRequest] = []
             detector = spike_detector(cfg)
+            from seqedit.analysis.phases import CollapseMonitor
+
+            collapse = CollapseMonitor(cfg.telemetry.collapse_margin)
             if snap is not None:
                 extra = snap.extra()
                 with torch.no_grad():
@@ -358,7 +362,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                 saved = snap.manifest["state"]
                 for key in ("next_batch", "edits_done", "rejected", "log_seq", "immediate_sums", "baseline",
                             "probe_seconds", "edit_seconds", "edit_calls", "loop_seconds", "ledger_seconds",
-                            "snapshot_seconds", "snapshots_written"):
+                            "snapshot_seconds", "snapshots_written", "stopped_early"):
                     setattr(state, key, saved[key])
                 state.last_snapshot = snap.edits_done
                 for rec in ledger.records[: state.next_batch]:
@@ -370,12 +374,15 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                 state.immediate_sums, state.baseline, state.probe_seconds = {}, {}, {}
                 state.edit_seconds = state.loop_seconds = state.ledger_seconds = state.snapshot_seconds = 0.0
                 state.snapshots_written = 0
+                state.stopped_early = ""
                 state.last_snapshot = None
             if resuming:
                 cut = truncate_streams(run_dir / "telemetry", state.log_seq)
                 for rec in read_jsonl(run_dir / "telemetry" / "edits.jsonl"):  # the detector's window, as it was
                     if rec.get("edit/status") == "applied":
                         detector.update(_update_norms(rec))
+                for rec in read_jsonl(run_dir / "telemetry" / "probes.jsonl"):  # the collapse monitor, as it was
+                    collapse.update(int(rec["edit/index"]), rec)
                 replay = len(ledger) - state.next_batch
                 event(run_dir, "resumed", snapshot=snap.path.name if snap else None, next_batch=state.next_batch,
                       replay_calls=replay, telemetry_lines_cut=cut, problems=problems,
@@ -441,6 +448,9 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                     sinks.log("probes", record)
                     sinks.items(f"items-{name}", [{"edit/index": edit_index, **row} for row in result.rows])
                     out.update(result.metrics)
+                    for curve, value, base in collapse.update(edit_index, result.metrics):
+                        sinks.alert(edit_index, "collapse", f"{curve} fell to {value:.3g} (pre-edit {base:.3g}), "
+                                    f"within {cfg.telemetry.collapse_margin:g} of chance")
                 return out
 
             # -- before the first edit: baseline of every request in the stream, every probe once ----------
@@ -476,6 +486,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
 
             try:
                 for b in range(state.next_batch, len(batches)):
+                    if state.stopped_early:
+                        break
                     at_boundary = False
                     batch = batches[b]
                     previous = state.edits_done
@@ -576,6 +588,11 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                     due = run_probes(position, signals, previous)
                     bar.update(len(batch))
                     at_boundary = True
+                    if cfg.telemetry.stop_on_collapse and collapse.fired and not state.stopped_early:
+                        state.stopped_early = "collapse: " + ", ".join(f"{c} at edit {i}"
+                                                                       for c, i in collapse.fired.items())
+                        event(run_dir, "stopped_early", reason=state.stopped_early, edits_done=position)
+                        say(f"stopping early (telemetry.stop_on_collapse): {state.stopped_early}")
                     now = time.time()
                     if now - last_beat >= cfg.telemetry.heartbeat_seconds or b == len(batches) - 1:
                         last_beat = now
@@ -602,9 +619,10 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                 for k, s in ((k, state.immediate_sums.get(k, [0.0, 0])) for k in SCORES)}
             if cfg.eval.final:
                 final = []
-                for i in range(0, len(stream), FINAL_CHUNK):
+                done = stream[: state.edits_done]  # every request of the stream the run got to
+                for i in range(0, len(done), FINAL_CHUNK):
                     stop.check()
-                    final.extend(evaluate_requests(model, tok, stream[i : i + FINAL_CHUNK], **score))
+                    final.extend(evaluate_requests(model, tok, done[i : i + FINAL_CHUNK], **score))
                 stop.check()
                 metrics.update({f"final/{k}": _mean([getattr(o, k) for o in final]) for k in SCORES})
                 sinks.log("probes", {"edit/index": state.edits_done, "probe/name": "final", "eval/protocol": "final",
@@ -613,13 +631,23 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             metrics.update(state.baseline)
             metrics["edit/seconds_mean"] = state.edit_seconds / state.edit_calls if state.edit_calls else None
             write_retention_matrix(run_dir)
+            if sinks.wandb.active:  # detection results into the wandb view (the report itself is `seqedit report`)
+                sinks.jsonl.sync()
+                try:
+                    from seqedit.analysis.load import load_run
+                    from seqedit.analysis.report import analyse
+
+                    found = analyse(load_run(run_dir))
+                    sinks.wandb.attach_analysis(found.summary, found.evidence)
+                except Exception as e:  # noqa: BLE001 - a view must never fail the run
+                    log.warning("analysis for wandb failed: %s", e)
             sinks.wandb.attach_outputs(run_dir, state.edits_done)
             sinks.close(ok=True)
             summary = RunSummary(run_dir, run_dir.name, "finished", state.edits_done, time.perf_counter() - t_start,
                                  metrics)
             atomic_write_json(run_dir / "summary.json", {
                 **dataclasses.asdict(summary), "run_dir": str(run_dir), "probe_seconds": state.probe_seconds,
-                "rejected": state.rejected, "resumes": state.resumes,
+                "rejected": state.rejected, "resumes": state.resumes, "stopped_early": state.stopped_early,
                 "weights_sha256": model_fingerprint(model, declared), "ledger_bytes": ledger.nbytes()})
             state.status = "finished"  # only now: summary.json is on disk
             state.save(run_dir)

@@ -101,6 +101,30 @@ class WandbSink:
         except Exception as e:  # noqa: BLE001
             self._fail("attach", e)
 
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def attach_analysis(self, summary: Mapping[str, Any], evidence) -> None:
+        """Detection results into the run summary (`analysis/*`) and the disabling-edit evidence as a Table."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            self.run.summary.update({
+                "analysis/disabling_edits": len(summary.get("disabling_edits", [])),
+                "analysis/disabling_edit_indices": list(summary.get("disabling_edits", [])),
+                "analysis/catastrophic_start": summary.get("catastrophic_start"),
+                "analysis/phase_curve": summary.get("phase_curve"),
+                "analysis/conclusion": "\n".join(summary.get("conclusion", [])),
+            })
+            if len(evidence):
+                df = evidence.astype({"case_ids": str}) if "case_ids" in evidence else evidence
+                self.run.log({"analysis/disabling_edits_table": wandb.Table(dataframe=df)})
+        except Exception as e:  # noqa: BLE001
+            self._fail("attach analysis", e)
+
     def close(self, exit_code: int = 0) -> None:
         if self.run is None:
             return

@@ -202,3 +202,50 @@ def test_run_prints_conclusion_and_report_path(assets, tmp_path, capsys):
     i = lines.index(report_line)
     assert lines[i - 3].strip().startswith("phases") and lines[i - 2].strip().startswith("disabling edits")
     assert lines[i - 1].strip().startswith("final:")
+
+
+def test_collapse_alert_and_stop_on_collapse(tiny_world, tmp_path, tmp_path_factory):
+    from seqedit.driver import RunState
+
+    cache = tiny_cache_dir(tmp_path_factory)
+    args = ["model.name=world:tiny", f"cache_dir={cache}", f"runs_dir={tmp_path}", "threads=1", "n_edits=60",
+            "editor.name=random", "editor.relative_norm=0.002", "editor.spike_probability=0.02",
+            "editor.spike_factor=1500", "eval.immediate=false", "telemetry.stop_on_collapse=true",
+            "telemetry.collapse_margin=0.6",  # recall 1.0 -> 0.45 here: within 0.6 of chance (0)
+            "probes=[{name: unedited, schedule: 'every:5|signal:norm_spike', sample: 60}]"]
+    assert main(["run", *args, "--no-report"]) == 0
+    (d,) = tmp_path.iterdir()
+    data = load_run(d)
+    spike = int(data.edits.loc[data.edits["editor/random/spikes"] > 0, "edit/index"].min())
+    collapses = data.alerts[data.alerts["alert/kind"] == "collapse"]
+    assert list(collapses["edit/index"]) == [spike]  # the on-signal probe right after the disabling edit
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["n_edits"] == spike < 60 and summary["stopped_early"].startswith("collapse")
+    assert RunState.load(d).status == "finished"
+    final = data.items["final"]
+    assert len(final) == spike  # the final scores cover the requests the run got to
+
+
+def test_detection_goes_to_wandb(assets, tmp_path, monkeypatch):
+    from seqedit.wandb_sink import find_offline_run_file, read_offline_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    s = run(load_config(None, stream_args(assets, tmp_path / "r", "n_edits=100", "editor.name=random",
+                                          "editor.spike_probability=0.05", "wandb.mode=offline")))
+    path = find_offline_run_file(s.run_dir)
+    assert path is not None
+    history = read_offline_history(path)
+    assert any("analysis/disabling_edits_table/_type" in h for h in history)
+
+
+def test_load_keeps_every_item_row_and_drops_repeated_records(assets, tmp_path):
+    s = run(load_config(None, stream_args(assets, tmp_path, "n_edits=8", "editor.name=random",
+                                          "probes=[{name: retention, schedule: 'every:4'}]")))
+    tel = s.run_dir / "telemetry"
+    for name in ("edits.jsonl", "items-retention.jsonl"):  # the same lines twice, as two copied attempts would
+        text = (tel / name).read_text()
+        (tel / name).write_text(text + text)
+    data = load_run(s.run_dir)
+    assert list(data.edits["edit/index"]) == list(range(1, 9))
+    assert len(data.items["retention"]) == 4 + 8  # all earlier edits at each check, once
