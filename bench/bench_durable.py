@@ -86,17 +86,30 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "durable.json"))
     ap.add_argument("--edits", type=int, default=200, help="edits per overhead run")
     ap.add_argument("--resume-edits", type=int, default=2000)
+    ap.add_argument("--resume-model", default="world:small", help="needs >= --resume-edits records")
+    ap.add_argument("--parts", default="sizes,resume", help="comma-separated: sizes, resume")
     args = ap.parse_args()
-    from transformers import AutoConfig, GPT2Config
-
-    from seqedit.model_io import load_model
-    from seqedit.config import ModelConfig
-
+    parts = set(args.parts.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="seqedit-bench-durable-"))
     common = ["threads=1", "eval.immediate=false", "probes=[]", "checkpoint.snapshot_every=100"]
     results: dict = {"machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                      "command": " ".join([Path(PY).name, *sys.argv]), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                      "runs": []}
+
+    if "sizes" in parts:
+        measure_sizes(args, tmp, common, results)
+    if "resume" in parts:
+        measure_resume(args, tmp, results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results: {args.out}")
+
+
+def measure_sizes(args, tmp: Path, common: list[str], results: dict) -> None:
+    from transformers import AutoConfig, GPT2Config
+
+    from seqedit.config import ModelConfig
+    from seqedit.model_io import load_model
 
     world = load_model(ModelConfig(name="world:tiny"))
     tiny_bytes = sum(p.numel() for p in world.model.parameters()) * 4
@@ -130,9 +143,11 @@ def main() -> None:
                                        [f"model.name={model_dir}", f"data.source={cf}", "editor.name=ft",
                                         "editor.num_steps=5", "n_edits=20", *common], xl_bytes))
 
-    # resume of a 2,000-edit run ------------------------------------------------------------------------------------
+
+
+def measure_resume(args, tmp: Path, results: dict) -> None:
     n = args.resume_edits
-    run_args = ["model.name=world:tiny", "editor.name=random", f"n_edits={n}", "threads=1",
+    run_args = [f"model.name={args.resume_model}", "editor.name=random", f"n_edits={n}", "threads=1",
                 "probes=[{name: retention, schedule: 'every:500', sample: 200}]", "checkpoint.snapshot_every=100"]
     straight_s, proc = seqedit("run", f"runs_dir={tmp / 'straight'}", *run_args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -156,10 +171,6 @@ def main() -> None:
     print(f"[resume] {n}-edit run killed at commit {n - 10}: resume {resume_s:.1f}s (start-up + restore "
           f"{resumed['seconds_since_start']:.2f}s from {resumed['snapshot']}, replay of {resumed['replay_calls']} "
           f"calls {replayed['seconds']:.2f}s) vs straight run {straight_s:.1f}s; bit-identical: {same}", flush=True)
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results: {args.out}")
 
 
 if __name__ == "__main__":
