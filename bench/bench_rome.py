@@ -9,7 +9,7 @@
 
 `random:LxD` is a randomly initialised GPT-2 (L layers, width D, d_ff 4D) with a byte-level BPE tokenizer and text
 made up here: nothing to build or download. The v* loss of a random model never reaches the early-stop threshold,
-so every edit runs all `v_num_grad_steps` iterations (the worst case for the ratio's denominator is the best case
+so every edit runs all `value.num_grad_steps` iterations (the worst case for the ratio's denominator is the best case
 for the ratio; world models stop early more often, which raises the ratio).
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--model", default="random:6x256")
     ap.add_argument("--editor", default="r-rome")
     ap.add_argument("--edits", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=20, help="v_num_grad_steps")
+    ap.add_argument("--steps", type=int, default=20, help="value.num_grad_steps")
     ap.add_argument("--stats-docs", type=int, default=3000, help="documents for the statistics (random model)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -86,7 +86,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from seqedit.archs import arch_for, get_module, in_features
-    from seqedit.editors import _stats as st
+    from seqedit import stats as st
+    from seqedit.builder import build_dataclass
     from seqedit.editors.base import EditorContext, get_editor
 
     tmp = Path(tempfile.mkdtemp(prefix="seqedit-bench-rome-"))
@@ -112,7 +113,7 @@ def main() -> None:
     arch = arch_for(model)
     n_params = sum(p.numel() for p in model.parameters())
     cls = get_editor(args.editor)
-    cfg = cls.Config(v_num_grad_steps=args.steps)
+    cfg = build_dataclass(cls.Config, {"value": {"num_grad_steps": args.steps}})
     editor = cls(cfg)
     layer = editor.layers(model)[0]
     d_in = in_features(get_module(model, arch.mlp_out(layer)))
@@ -123,7 +124,7 @@ def main() -> None:
     t0 = time.perf_counter()
     fp = st.model_fingerprint(model, arch, layer)
     t_fp = time.perf_counter() - t0
-    spec = cfg.stats_spec()
+    spec = cfg.stats
     t0 = time.perf_counter()
     built = st.layer_second_moment(model, tok, arch, layer, [text], spec=spec, cache_dir=tmp / "cache")
     t_build = time.perf_counter() - t0
@@ -155,7 +156,7 @@ def main() -> None:
     upd = [r[3] for r in rows]
     steps = [r[4] for r in rows]
     med = statistics.median
-    print(f"per edit ({len(rows)} edits, {args.editor}, v_num_grad_steps {args.steps}, mean Adam steps "
+    print(f"per edit ({len(rows)} edits, {args.editor}, value.num_grad_steps {args.steps}, mean Adam steps "
           f"{statistics.mean(steps):.1f}): total {med(tot) * 1000:.1f} ms median | keys {med(keys) * 1000:.1f} ms | "
           f"v* {med(vs) * 1000:.1f} ms | update {med(upd) * 1000:.1f} ms")
     ratios = [t / v for t, v in zip(tot, vs)]

@@ -29,7 +29,8 @@ import torch
 from seqedit.apply import apply_proposal, revert
 from seqedit.data import load_requests, order_requests
 from seqedit.archs import arch_for
-from seqedit.editors._rome_core import subject_keys
+from seqedit.builder import build_dataclass
+from seqedit.editors._locate import subject_keys
 from seqedit.editors.base import EditorContext, get_editor
 from seqedit.analysis.detect import SpikeConfig, SpikeDetector
 from seqedit.metrics import evaluate_requests, mean_of
@@ -60,7 +61,7 @@ STATS_TEXT: list[Path] = []  # --stats-text: second-moment text instead of the w
 
 def _editor(name: str, model, tok, world, layer: int, options: dict[str, Any], run_dir: Path, cache: Path):
     cls = get_editor(name)
-    editor = cls(cls.Config(layers=(layer,), **options))
+    editor = cls(build_dataclass(cls.Config, {"layers": [layer], **options}))
     editor.prepare(model, tok, EditorContext.for_model(model, seed=0, run_dir=run_dir, cache_dir=cache,
                                                        stats_text=tuple(STATS_TEXT) or (world.heldout_path,)))
     return editor
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequential", type=int, default=300, help="sequential r-ROME edits (0 = skip)")
     ap.add_argument("--rome", type=int, default=300, help="sequential ROME edits (0 = skip)")
     ap.add_argument("--check-every", type=int, default=20)
-    ap.add_argument("--options", default="{}", help='r-ROME/ROME config overrides as JSON, e.g. {"v_lr": 0.1}')
+    ap.add_argument("--options", default="{}", help='r-ROME/ROME config overrides as JSON, e.g. {"value": {"lr": 0.1}}')
     ap.add_argument("--device", default="cpu", help="where to build and edit (cpu | cuda)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--deadline", type=float, default=math.inf, help="time.time() at which edit loops stop early")

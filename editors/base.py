@@ -33,7 +33,8 @@ class EditorContext:
     run_dir: Path | None = None
     # Cache for expensive statistics (second moments), shared across runs.
     cache_dir: Path | None = None
-    # Text used for second-moment statistics: files (.txt one document per line, or .jsonl with a "text" field).
+    # Default text for second-moment statistics when the editor's `stats.source` is empty: the world's held-out
+    # text on a world model (files: .txt one document per line, or .jsonl with a "text" field).
     stats_text: tuple[Path, ...] = ()
     extras: Mapping[str, Any] = field(default_factory=dict)
 
@@ -63,11 +64,12 @@ class Editor(Protocol):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
-    def replay(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
-               added: Mapping[str, torch.Tensor]) -> None:
-        """A committed call is replayed from the ledger instead of calling `compute` (resume past a snapshot):
-        `added` has just been applied. Editors whose state grows with each edit (e.g. a cache of edit keys) update
-        it here exactly as `compute` would have; stateless editors do nothing."""
+    def applied(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
+                added: Mapping[str, torch.Tensor]) -> None:
+        """Called by the driver after every applied call, live or replayed from the ledger on resume, with `added`
+        already in the model (never after a call the guard rejected). Editors whose state grows with each applied
+        edit (AlphaEdit's and ENCORE's caches of edit keys) update it here and only here, from the edited model, so
+        a resumed run rebuilds exactly the state of an uninterrupted one; `compute` leaves the state unchanged."""
         ...
 
 
@@ -109,8 +111,8 @@ class BaseEditor:
         if state:
             raise ValueError(f"{self.name}: unexpected editor state keys {sorted(state)}")
 
-    def replay(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
-               added: Mapping[str, torch.Tensor]) -> None:
+    def applied(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
+                added: Mapping[str, torch.Tensor]) -> None:
         return None  # no per-edit state
 
     @property
@@ -168,7 +170,7 @@ def get_editor(name: str) -> type:
 
 def make_editor(name: str, options: Mapping[str, Any] | None = None) -> Any:
     """Instantiate editor `name` with its Config built from `options` (unknown keys -> did-you-mean error)."""
-    from seqedit.config import build_dataclass
+    from seqedit.builder import build_dataclass
 
     cls = get_editor(name)
     config = build_dataclass(cls.Config, dict(options or {}), where="editor")

@@ -1,21 +1,22 @@
 """ROME (Meng et al. 2022, arXiv 2202.05262), as implemented in kmeng01/memit `rome/`, irregularity included.
 
 A rank-one update of `mlp_out(l)` per request and layer: u = C⁻¹k*/‖C⁻¹k*‖ from the key k* averaged over 21
-context templates, v* from `_rome_core.optimise_value` at the MLP output, and — unlike the paper's equation — the
+context templates, v* from `_locate.optimise_value` at the MLP output, and — unlike the paper's equation — the
 numerator and denominator from the *bare-prompt* key k_raw: ΔW = (v* − W k_raw − b) uᵀ / (k_rawᵀ u), so W′k_raw = v*.
 r-ROME (`r_rome.py`) and p-ROME (`p_rome.py`) change only which key goes where (`KEY_FOR_U`, `KEY_FOR_UPDATE`).
 Several requests in one call are computed one after another on the temporarily updated weights.
 Stats keys (floats, for one request; for several, the worst case: smallest |denominator|, largest norms/losses):
 rome/denominator, rome/u_norm (‖C⁻¹k*‖), rome/right_norm, rome/residual_norm (‖v* − Wk − b‖), rome/key_norm,
 rome/key_cos (cos(k*, k_raw)), rome/update_fro (‖ΔW‖_F), rome/update_rel (‖ΔW‖_F/‖W‖_F), rome/delta_norm (‖δ‖),
-rome/v_loss, rome/v_nll, rome/v_kl, rome/v_steps, rome/mom2_ridge, rome/n_requests, rome/seconds_keys, rome/seconds_v,
+rome/v_loss, rome/v_nll, rome/v_kl, rome/v_steps, rome/ridge, rome/condition (of C + ridge), rome/n_requests, rome/seconds_keys, rome/seconds_v,
 rome/seconds_update.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,20 +24,23 @@ from torch import nn
 
 from seqedit.apply import materialise
 from seqedit.archs import arch_for, get_module
-from seqedit.editors._rome_core import (
+from seqedit.editors._locate import (
+    COV_SOLVERS,
+    CovSolver,
     RankOneUpdate,
-    TemporaryWeights,
-    ValueOptConfig,
+    ValueConfig,
     ValueResult,
     check_templates,
     context_templates,
     contextualise,
+    make_solver,
     optimise_value,
     rank_one_update,
     subject_keys,
 )
-from seqedit.editors._stats import CovSolver, SecondMoment, StatsSpec, layer_second_moments, make_solver
 from seqedit.editors.base import BaseEditor, EditorContext, register_editor
+from seqedit.model_state import TemporaryWeights
+from seqedit.stats import SecondMoment, StatsSpec, layer_second_moments
 from seqedit.types import EditProposal, EditRequest
 
 KEY_MODES = ("mean", "raw")  # mean: k* / k̄ over the context templates; raw: k_raw at the bare prompt
@@ -45,49 +49,37 @@ KEY_MODES = ("mean", "raw")  # mean: k* / k̄ over the context templates; raw: k
 @dataclass(frozen=True)
 class RomeConfig:
     layers: tuple[int, ...] | None = None  # None = BaseEditor default (the layer below the middle)
-    # v* optimisation: the reference gpt2-xl / gpt-j values. The decay is v_weight_decay·‖δ‖/‖v0‖², large when ‖v0‖
-    # is small (environment notes); on the tiny world (‖v0‖ ≈ 2) 1e-3 instead of 0.5 changed r-ROME efficacy little.
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_loss_layer: int | None = None  # None = the model's own logits (ROME); a layer = ln_f + lm_head on its output
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    v_early_stop_loss: float = 5e-2
+    # v* optimisation (`value:`): the reference gpt2-xl / gpt-j values. The decay is weight_decay·‖δ‖/‖v0‖², large
+    # when ‖v0‖ is small (environment notes); on the tiny world (‖v0‖ ≈ 2) 1e-3 instead of 0.5 changed r-ROME
+    # efficacy little. value.loss_layer = None scores with the model's own logits, as the original always does.
+    value: ValueConfig = field(default_factory=ValueConfig)
+    # C = E[kkᵀ] (`stats:`): source text, sample size, accumulation dtype (float32 as published)
+    stats: StatsSpec = field(default_factory=StatsSpec)
     # context templates: "{}" + n samples of each length (ROME: 10 of 5 and 10 of 10 tokens → 21 templates)
     context_template_length_params: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     context_templates: tuple[str, ...] | None = None  # explicit templates (first must be "{}"); None = generate
-    # second moment C = E[kkᵀ]
     mom2_adjustment: bool = True  # False: u = k/‖k‖ (EasyEdit's ROME default; a different algorithm)
-    mom2_n_samples: int = 100_000
-    mom2_sample_unit: str = "documents"  # documents | tokens
-    mom2_dtype: str = "float64"  # accumulation/storage; solves are always float64
-    mom2_ridge: float | None = None  # λ in C + λ·(tr C/d)·I; None = 0 unless C is singular, then 1e-2
-    mom2_batch_tokens: int = 8192
-    mom2_max_length: int | None = None  # tokens per document; None = model context size
+    # How u = C⁻¹k* is computed: "inverse" is the published float32 torch.inverse (a singular C then gives the huge
+    # updates the original gives, an exactly singular one an error); "cholesky" (float64, refuses a singular C) and
+    # "pinv" (float64 pseudo-inverse) are deviations, recorded in the run's config like `ridge`.
+    solver: str = "inverse"
+    ridge: float = 0.0  # λ in C + λ·(tr C/d)·I; 0 = published (no ridge, never added silently)
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "v_num_grad_steps": "value.num_grad_steps", "v_lr": "value.lr", "v_loss_layer": "value.loss_layer",
+        "v_weight_decay": "value.weight_decay", "clamp_norm_factor": "value.clamp_norm_factor",
+        "kl_factor": "value.kl_factor", "v_early_stop_loss": "value.early_stop_loss",
+        "mom2_n_samples": "stats.n_samples", "mom2_sample_unit": "stats.unit", "mom2_dtype": "stats.dtype",
+        "mom2_batch_tokens": "stats.batch_tokens", "mom2_max_length": "stats.max_length", "mom2_ridge": "ridge",
+    }
 
     def __post_init__(self) -> None:
-        if self.v_num_grad_steps < 1:
-            raise ValueError(f"v_num_grad_steps must be >= 1, got {self.v_num_grad_steps}")
-        if self.v_lr <= 0:
-            raise ValueError(f"v_lr must be > 0, got {self.v_lr}")
-        for name in ("v_weight_decay", "clamp_norm_factor", "kl_factor"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.context_templates is not None:
             check_templates(self.context_templates)
-        StatsSpec(self.mom2_n_samples, self.mom2_sample_unit, self.mom2_dtype, self.mom2_batch_tokens,
-                  self.mom2_max_length)  # validates the statistics knobs
-        if self.mom2_ridge is not None and self.mom2_ridge < 0:
-            raise ValueError(f"mom2_ridge must be >= 0 or null, got {self.mom2_ridge}")
-
-    def value_config(self) -> ValueOptConfig:
-        return ValueOptConfig(self.v_num_grad_steps, self.v_lr, self.v_loss_layer, self.v_weight_decay,
-                              self.clamp_norm_factor, self.kl_factor, self.v_early_stop_loss)
-
-    def stats_spec(self) -> StatsSpec:
-        return StatsSpec(self.mom2_n_samples, self.mom2_sample_unit, self.mom2_dtype, self.mom2_batch_tokens,
-                         self.mom2_max_length)
+        if self.solver not in COV_SOLVERS:
+            raise ValueError(f"solver {self.solver!r} is not allowed; allowed: {', '.join(COV_SOLVERS)}")
+        if self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
 
 
 @dataclass(frozen=True)
@@ -162,12 +154,14 @@ class RomeEditor(BaseEditor):
             return
         ctx = self._ctx(model)
         progress = ctx.extras.get("stats_progress") if isinstance(ctx.extras, Mapping) else None
+        sources = tuple(Path(src).expanduser() for src in self.config.stats.source) or ctx.stats_text
         moments = layer_second_moments(
-            model, tokenizer, ctx.arch, missing, ctx.stats_text, spec=self.config.stats_spec(),
+            model, tokenizer, ctx.arch, missing, sources, spec=self.config.stats,
             cache_dir=ctx.cache_dir, progress=progress if callable(progress) else None)
         for layer, moment in moments.items():
             device = get_module(model, ctx.arch.mlp_out(layer)).weight.device
-            self._solvers[layer] = make_solver(moment.mom2, ridge=self.config.mom2_ridge, device=device)
+            self._solvers[layer] = make_solver(moment.mom2, method=self.config.solver, ridge=self.config.ridge,
+                                               device=device)
             self.moments[layer] = moment
 
     def solver(self, model: nn.Module, tokenizer: Any, layer: int) -> CovSolver:
@@ -198,7 +192,7 @@ class RomeEditor(BaseEditor):
         k_upd = self._pick(self.KEY_FOR_UPDATE, keys)
         t1 = time.perf_counter()
 
-        value = optimise_value(model, tokenizer, arch, request, arch.mlp(layer), templates, self.config.value_config())
+        value = optimise_value(model, tokenizer, arch, request, arch.mlp(layer), templates, self.config.value)
         t2 = time.perf_counter()
 
         u_dir = self.solver(model, tokenizer, layer).solve(k_u) if self.config.mom2_adjustment else k_u
@@ -261,7 +255,8 @@ class RomeEditor(BaseEditor):
             "rome/v_nll": worst([e.value.nll for e in edits]),
             "rome/v_kl": worst([e.value.kl for e in edits]),
             "rome/v_steps": float(sum(e.value.n_updates for e in edits)) / len(edits),
-            "rome/mom2_ridge": max((s.ridge for s in self._solvers.values()), default=0.0),
+            "rome/ridge": max((s.ridge for s in self._solvers.values()), default=0.0),
+            "rome/condition": max((s.condition for s in self._solvers.values()), default=float("nan")),
             "rome/n_requests": float(n_requests),
             "rome/seconds_keys": sum(e.seconds["keys"] for e in edits),
             "rome/seconds_v": sum(e.seconds["v"] for e in edits),

@@ -3,7 +3,7 @@
     preflight (no run dir, no weights) -> run dir + lock -> model (+ world) -> edit stream -> editor.prepare
     resume: ledger verified, newest good snapshot restored, telemetry cut back to the snapshot
     baseline probes -> snapshot 0                                                     (a new run only)
-    for each call b: reseed -> editor.compute (or replay ledger[b]) -> guard -> apply -> ledger commit
+    for each call b: reseed -> editor.compute (or replay ledger[b]) -> guard -> apply -> ledger commit -> editor.applied
                      -> weight telemetry -> spike signal -> immediate scores -> due probes -> JSONL (+ wandb)
                      -> heartbeat / state -> snapshot every checkpoint.snapshot_every calls
     finalizing: final scores -> retention matrix (+ wandb table and files) -> summary.json -> finished
@@ -501,7 +501,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                         if rec.status == "applied":
                             added, factors = ledger.read_with_factors(b)
                             result = apply_added(model, added, editor_stats, factors)
-                            editor.replay(model, tok, batch, result.added)
+                            editor.applied(model, tok, batch, result.added)
                         else:
                             result, verdict = None, (rec.reason.split(":", 1)[0], rec.reason.split(": ", 1)[-1])
                     else:
@@ -537,6 +537,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                             # telemetry uses the factors as the ledger holds them, so a replay reports the same
                             factors = {n: (f[0].detach().cpu(), f[1].detach().cpu())
                                        for n, f in proposal.factors.items() if rec.params[n]["kind"] == "factors"}
+                            editor.applied(model, tok, batch, result.added)
                     # -- committed: from here on everything is a function of the weights --------------------
                     state.edits_done = position
                     state.next_batch = b + 1

@@ -7,6 +7,7 @@ and what is allowed. It returns what it learned (layer count, architecture, the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,6 +35,7 @@ def preflight(cfg: RunConfig) -> Preflight:
         raise PreflightError(str(e)) from e
     n_layers, arch, world = _check_model(cfg)
     _check_editor_layers(cfg, n_layers)
+    _check_editor_stats(cfg, is_world=world_preset_of(cfg) is not None)
     requests, data_info = _check_data(cfg)
     _check_probes(cfg, world)
     return Preflight(n_layers=n_layers, arch=arch, requests=requests, data_info=data_info)
@@ -105,6 +107,34 @@ def _check_editor_layers(cfg: RunConfig, n_layers: int) -> None:
         editor.layers(stand_in)
     except ValueError as e:
         raise PreflightError(f"editor.layers={list(layers)}: {e} (model {cfg.model.name!r})") from e
+
+
+def world_preset_of(cfg: RunConfig) -> str | None:
+    from seqedit.model_io import world_preset
+
+    return world_preset(cfg.model.name)
+
+
+def _check_editor_stats(cfg: RunConfig, is_world: bool) -> None:
+    """Locate-then-edit editors need statistics text: the configured `stats.source` must exist (and be readable as
+    text), and a non-world model has no default text."""
+    from seqedit.editors.base import make_editor
+    from seqedit.stats import StatsError, check_sources
+
+    editor = make_editor(cfg.editor.name, cfg.editor.options)
+    stats = getattr(editor.config, "stats", None)
+    if stats is None or not getattr(editor.config, "mom2_adjustment", True):
+        return
+    if stats.source:
+        try:
+            check_sources([str(Path(s).expanduser()) for s in stats.source])
+        except StatsError as e:
+            raise PreflightError(f"editor.stats.source={list(stats.source)!r}: {e}") from e
+    elif not is_world:
+        raise PreflightError(
+            f"editor.stats.source is empty: editor {cfg.editor.name!r} needs text for its second-moment statistics "
+            f"on model {cfg.model.name!r} (only world models have a default); give local .txt/.jsonl files or a "
+            "folder written by datasets' save_to_disk, e.g. editor.stats.source=[/data/wikitext.txt]")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from seqedit.archs import ArchSpec, arch_for, get_module, num_layers
-from seqedit.editors._rome_core import fill, frozen_model, model_device, pad_id, right_pad, subject_token_span
 from seqedit.hooks import capture, patch_output
+from seqedit.model_state import frozen_model, model_device
 from seqedit.scoring import prompt_ids, target_ids
+from seqedit.tokens import fill, pad_id, right_pad, subject_token_span
 from seqedit.types import EditRequest
 
 log = logging.getLogger(__name__)

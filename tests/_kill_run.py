@@ -37,17 +37,20 @@ def arm(point: str, n: int) -> None:
     if point == "compute":
         from seqedit.editors.base import EDITORS, list_editors
 
+        patched = set()
         for name in list_editors():
-            cls = EDITORS.get(name)
-            if "compute" not in cls.__dict__:  # inherited: patched on the class that defines it
+            # patch the class that defines compute (perhaps an unregistered base such as SpreadEditor), once
+            owner = next(c for c in EDITORS.get(name).__mro__ if "compute" in c.__dict__)
+            if owner in patched:
                 continue
-            real = cls.compute
+            patched.add(owner)
+            real = owner.compute
 
             def compute(self, *a, _real=real, **k):
                 hit()
                 return _real(self, *a, **k)
 
-            cls.compute = compute
+            owner.compute = compute
     elif point == "commit":
         from seqedit.ledger import Ledger
 

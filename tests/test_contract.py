@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pytest
 import torch
 
-from seqedit.apply import apply_proposal, materialise, revert
+from seqedit.apply import apply_added, apply_proposal, materialise, revert
+from seqedit.builder import build_dataclass
 from seqedit.editors.base import Editor, EditorContext, get_editor, list_editors
 from seqedit.types import EditRequest
 
 # Keep the contract suite fast: shrink iteration counts where an editor has such knobs.
-FAST = {"v_num_grad_steps": 3, "num_steps": 3, "mom2_n_samples": 400, "context_template_length_params": ((3, 2),)}
+FAST = {"value": {"num_grad_steps": 3}, "num_steps": 3, "stats": {"n_samples": 400},
+        "context_template_length_params": [[3, 2]]}
+# The MEMIT family draws one template per seed word: 5 of 3 tokens keep both key-average groups non-empty.
+FAST_SPREAD = {"context_template_length_params": [[3, 5]]}
 
 
 def requests() -> list[EditRequest]:
@@ -25,8 +30,9 @@ def requests() -> list[EditRequest]:
 def make(name: str, tmp_path, model, tokenizer, stats_text, seed: int = 0):
     cls = get_editor(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    options = {k: v for k, v in FAST.items() if k in fields}
-    editor = cls(cls.Config(**options))
+    fast = {**FAST, **(FAST_SPREAD if "context_template_prefixes" in fields else {})}
+    options = {k: v for k, v in fast.items() if k in fields}
+    editor = cls(build_dataclass(cls.Config, options))
     ctx = EditorContext.for_model(model, seed=seed, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache",
                                   stats_text=(stats_text,))
     (tmp_path / "run").mkdir(exist_ok=True)
@@ -82,10 +88,25 @@ def test_editor_contract(name, tiny_gpt2, tokenizer, stats_text, tmp_path):
     for n in proposal.deltas:
         assert torch.equal(again.deltas[n], proposal.deltas[n]), f"{name} is not deterministic on {n}"
 
-    # editor state round-trips
-    state = editor.state_dict()
+    # editor state round-trips through the snapshot format: after an applied call (and its `applied` hook), a fresh
+    # editor prepared on the unedited model (as the driver does on resume) and loaded with the state computes the
+    # same next deltas bit for bit
+    applied = apply_proposal(model, proposal, declared)
+    editor.applied(model, tokenizer, requests(), applied.added)
+    buf = io.BytesIO()
+    torch.save(editor.state_dict(), buf)
+    buf.seek(0)
+    nxt = [EditRequest("c3", "The capital of {} is", "Tesselin", "Quorath", "Varokel")]
+    a = editor.compute(model, tokenizer, nxt)
+    revert(model, applied)
     fresh = make(name, tmp_path, model, tokenizer, stats_text)
-    fresh.load_state_dict(state)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    again = apply_added(model, applied.added)
+    b = fresh.compute(model, tokenizer, nxt)
+    assert set(a.deltas) == set(b.deltas)
+    for n in a.deltas:
+        assert torch.equal(a.deltas[n], b.deltas[n]), f"{name}: state round-trip changed the next delta of {n}"
+    revert(model, again)
 
 
 def test_unknown_editor_did_you_mean():

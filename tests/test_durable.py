@@ -50,7 +50,7 @@ def gpt2_args(assets, runs, editor="random", *extra):
 def world_args(cache, runs, editor, *extra):
     """A 9-edit ROME-family run on world:tiny (statistics from the world's held-out text, cached once)."""
     return ["model.name=world:tiny", f"cache_dir={cache}", f"runs_dir={runs}", "threads=1", "n_edits=9",
-            f"editor.name={editor}", "checkpoint.snapshot_every=2", "editor.v_num_grad_steps=5",
+            f"editor.name={editor}", "checkpoint.snapshot_every=2", "editor.value.num_grad_steps=5",
             "probes=[{name: retention, schedule: 'every:3'}]", *extra]
 
 
@@ -121,11 +121,16 @@ def gpt2_reference(assets, tmp_path_factory):
 def world_reference(tiny_world, tmp_path_factory):
     cache = tiny_cache_dir(tmp_path_factory)
     refs = {}
-    for editor in ("rome", "r-rome"):
+    for editor in ("rome", "r-rome", "alphaedit", "encore"):
         runs = tmp_path_factory.mktemp(f"ref-{editor}")
-        assert main(["run", *world_args(cache, runs, editor)]) == 0
+        assert main(["run", *world_args(cache, runs, editor, *BATCHED.get(editor, ()))]) == 0
         refs[editor] = only_run(runs)
     return cache, refs
+
+
+# Editors whose state grows with every applied call (caches of edit keys): the resume rebuilds it from the snapshot
+# plus the ledger replay. ENCORE in batches of 3 (3 calls; killed after the 2nd commit: both calls replayed).
+BATCHED = {"encore": ("batch_size=3",)}
 
 
 # -- SIGKILL + resume: bit-identical ------------------------------------------------------------------------------
@@ -135,10 +140,11 @@ def test_sigkill_then_resume_is_bit_identical_gpt2(assets, gpt2_reference, tmp_p
     kill_and_resume(gpt2_args(assets, tmp_path, editor), spec, gpt2_reference[editor], tmp_path)
 
 
-@pytest.mark.parametrize("editor,spec", [("rome", "compute:4"), ("r-rome", "probe:3")])
+@pytest.mark.parametrize("editor,spec", [("rome", "compute:4"), ("r-rome", "probe:3"), ("alphaedit", "compute:4"),
+                                         ("encore", "commit:2")])
 def test_sigkill_then_resume_is_bit_identical_rome(world_reference, tmp_path, editor, spec):
     cache, refs = world_reference
-    kill_and_resume(world_args(cache, tmp_path, editor), spec, refs[editor], tmp_path)
+    kill_and_resume(world_args(cache, tmp_path, editor, *BATCHED.get(editor, ())), spec, refs[editor], tmp_path)
 
 
 POINTS = ("compute", "commit", "snapshot", "probe")

@@ -192,3 +192,26 @@ def test_unknown_lm_eval_task(assets, tmp_path):
     # Not one of ours, so only lm-eval's task index (built offline, ~10 s) can reject it.
     cfg = config(assets, tmp_path, "probes=[{name: downstream, tasks: [sst3], schedule: never}]")
     fails(cfg, "probes[0].tasks=['sst3']", "'sst3'", "allowed:", "Did you mean 'sst2'")
+
+
+# -- statistics text of the locate-then-edit editors ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("editor", ["rome", "memit", "alphaedit"])
+def test_locate_then_edit_needs_statistics_text_on_a_real_model(assets, tmp_path, editor):
+    fails(config(assets, tmp_path, f"editor.name={editor}", "editor.layers=[0]"),
+          "editor.stats.source is empty", editor, "save_to_disk")
+    fails(config(assets, tmp_path, f"editor.name={editor}", "editor.layers=[0]",
+                 f"editor.stats.source=[{tmp_path / 'missing.txt'}]"),
+          "editor.stats.source=", "missing.txt", "not found")
+    (tmp_path / "wiki.csv").write_text("a,b\n")
+    fails(config(assets, tmp_path, f"editor.name={editor}", "editor.layers=[0]",
+                 f"editor.stats.source=[{tmp_path / 'wiki.csv'}]"), "unsupported file type '.csv'")
+    (tmp_path / "wiki.txt").write_text("some text\n")
+    ok = preflight(config(assets, tmp_path, f"editor.name={editor}", "editor.layers=[0]",
+                          f"editor.stats.source=[{tmp_path / 'wiki.txt'}]"))
+    assert ok.n_layers == 2
+    assert not (tmp_path / "runs").exists()
+    # without C the published ROME variant of EasyEdit needs no text
+    if editor == "rome":
+        preflight(config(assets, tmp_path, "editor.name=rome", "editor.mom2_adjustment=false"))

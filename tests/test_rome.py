@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from seqedit.archs import arch_for, get_module, is_conv1d, linear_weight
-from seqedit.editors import _rome_core as core
+from seqedit import tokens as tk
+from seqedit.builder import build_dataclass
+from seqedit.editors import _locate as core
 from seqedit.editors.base import EditorContext, get_editor
 from seqedit.hooks import capture
 from seqedit.scoring import prompt_ids
@@ -17,8 +19,8 @@ from seqedit.types import EditRequest
 
 from _rome_fixtures import make_model, make_tokenizer, requests, write_text
 
-FAST = dict(v_num_grad_steps=8, context_template_length_params=((4, 3),), mom2_n_samples=300,
-            v_weight_decay=1e-3)
+FAST = dict(value={"num_grad_steps": 8, "weight_decay": 1e-3}, context_template_length_params=((4, 3),),
+            stats={"n_samples": 300})
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def text(tmp_path_factory):
 
 def editor_for(name, model, tok, text, tmp_path, seed=0, **options):
     cls = get_editor(name)
-    editor = cls(cls.Config(**{**FAST, **options}))
+    editor = cls(build_dataclass(cls.Config, {**FAST, **options}))
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
     ctx = EditorContext.for_model(model, seed=seed, run_dir=run_dir, cache_dir=tmp_path / "cache", stats_text=(text,))
@@ -45,8 +47,8 @@ def module_outputs_at_subject(model, tok, module_name, prompts, subject):
     """Output of `module_name` at the subject-last token, one prompt per forward pass (no batching)."""
     outs = []
     for p in prompts:
-        idx = core.subject_last_index(tok, p, subject)
-        ids = torch.tensor([prompt_ids(tok, core.fill(p, subject)[0])])
+        idx = tk.subject_last_index(tok, p, subject)
+        ids = torch.tensor([prompt_ids(tok, tk.fill(p, subject)[0])])
         with capture(model, [module_name], inputs=False) as cap:
             model(input_ids=ids)
         outs.append(cap.outputs[module_name][0, idx].double())
@@ -66,8 +68,8 @@ def test_subject_last_index_skips_bos_and_matches_slow_path(tok):
     assert ids[0] == tok.bos_token_id  # the fixture tokenizer prepends BOS
     for template, subject in [("The capital of {} is", "Kalomi Ranvel"), ("{} plays the sport of", "Quabri Stolen"),
                               ("x y. {}", "Tudor")]:
-        idx = core.subject_last_index(tok, template, subject)
-        text = core.fill(template, subject)[0]
+        idx = tk.subject_last_index(tok, template, subject)
+        text = tk.fill(template, subject)[0]
         ids = prompt_ids(tok, text)
         # the subject's last token decodes to the end of the subject
         assert subject.endswith(tok.decode(ids[idx]).strip())
@@ -80,14 +82,14 @@ def test_subject_last_index_skips_bos_and_matches_slow_path(tok):
             def __call__(self, *a, **k):
                 return tok(*a, **k)
 
-        assert core.subject_last_index(Slow(), template, subject) == idx
+        assert tk.subject_last_index(Slow(), template, subject) == idx
 
 
 def test_fill_rejects_templates_without_a_single_slot():
     with pytest.raises(ValueError, match="exactly once"):
-        core.fill("no slot here", "X")
+        tk.fill("no slot here", "X")
     with pytest.raises(ValueError, match="empty subject"):
-        core.subject_last_index(make_tokenizer(), "{} is", "")
+        tk.subject_last_index(make_tokenizer(), "{} is", "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,7 +218,7 @@ def test_compute_restores_weights_flags_and_mode_and_is_deterministic(tok, text,
         assert left.shape[1] == right.shape[1] == 2  # one rank-one term per request
         torch.testing.assert_close(left @ right.T, prop.deltas[n], rtol=1e-5, atol=1e-7)
     # a fresh editor with the same seed but no saved templates reproduces the deltas bit for bit
-    other = get_editor("rome")(get_editor("rome").Config(**FAST))
+    other = get_editor("rome")(build_dataclass(get_editor("rome").Config, FAST))
     other.prepare(model, tok, EditorContext.for_model(model, seed=3, cache_dir=tmp_path / "cache", stats_text=(text,)))
     again = other.compute(model, tok, requests())
     for n in prop.deltas:
@@ -249,7 +251,7 @@ def test_stats_are_the_documented_floats(tok, text, tmp_path):
     (edit,) = editor.compute_edits(model, tok, requests()[:1])
     expected = {"rome/denominator", "rome/u_norm", "rome/right_norm", "rome/residual_norm", "rome/key_norm",
                 "rome/key_cos", "rome/update_fro", "rome/update_rel", "rome/delta_norm", "rome/v_loss", "rome/v_nll",
-                "rome/v_kl", "rome/v_steps", "rome/mom2_ridge", "rome/n_requests", "rome/seconds_keys",
+                "rome/v_kl", "rome/v_steps", "rome/ridge", "rome/condition", "rome/n_requests", "rome/seconds_keys",
                 "rome/seconds_v", "rome/seconds_update"}
     assert set(prop.stats) == expected
     assert all(isinstance(v, float) for v in prop.stats.values())
@@ -258,7 +260,7 @@ def test_stats_are_the_documented_floats(tok, text, tmp_path):
     assert prop.stats["rome/update_fro"] == pytest.approx(float(delta.double().norm()), rel=1e-5)
     assert prop.stats["rome/right_norm"] == pytest.approx(float(edit.update.right_vector.norm()), rel=1e-6)
     assert prop.stats["rome/v_loss"] == pytest.approx(edit.value.losses[-1], rel=1e-6)
-    assert 0 <= prop.stats["rome/v_steps"] <= FAST["v_num_grad_steps"] - 1
+    assert 0 <= prop.stats["rome/v_steps"] <= FAST["value"]["num_grad_steps"] - 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,7 +272,7 @@ def test_value_optimisation_lowers_the_target_nll_and_respects_the_clamp(tok):
     arch = arch_for(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # a random model is nearly flat: small steps without decay still lower the loss monotonically
-    cfg = core.ValueOptConfig(num_grad_steps=6, lr=0.05, weight_decay=0.0, clamp_norm_factor=100.0)
+    cfg = core.ValueConfig(num_grad_steps=6, lr=0.05, weight_decay=0.0, clamp_norm_factor=100.0)
     templates = ("{}", "Ka lo. {}")
     res = core.optimise_value(model, tok, arch, requests()[0], arch.mlp(1), templates, cfg)
     assert all(b < a for a, b in zip(res.losses, res.losses[1:]))
@@ -330,7 +332,7 @@ def test_r_rome_single_edits_on_the_world_model(tmp_path):
     model, tok = w.model, w.tokenizer
     reqs = list(load_requests(w.counterfact_path).requests)[:100]
     base = evaluate_requests(model, tok, reqs)
-    editor = get_editor("r-rome")(get_editor("r-rome").Config(layers=(0,), v_num_grad_steps=40))
+    editor = get_editor("r-rome")(build_dataclass(get_editor("r-rome").Config, {"layers": [0], "value": {"num_grad_steps": 40}}))
     editor.prepare(model, tok, EditorContext.for_model(model, seed=0, run_dir=tmp_path, cache_dir=tmp_path / "cache",
                                                        stats_text=(w.heldout_path,)))
     outcomes = []
@@ -350,7 +352,7 @@ def test_r_rome_single_edits_on_the_world_model(tmp_path):
 def test_explicit_last_loss_layer_recomputes_the_model_logits(tok):
     model = make_model("llama", len(tok))
     arch = arch_for(model)
-    cfg = core.ValueOptConfig(num_grad_steps=4, lr=0.05, weight_decay=0.0)
+    cfg = core.ValueConfig(num_grad_steps=4, lr=0.05, weight_decay=0.0)
     own = core.optimise_value(model, tok, arch, requests()[0], arch.mlp(0), ("{}",), cfg)
     via = core.optimise_value(model, tok, arch, requests()[0], arch.mlp(0), ("{}",),
                               dataclasses.replace(cfg, loss_layer=2))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from seqedit.archs import arch_for, get_module
-from seqedit.editors import _stats as st
+from seqedit import stats as st
+from seqedit.editors import _locate as lc
 from seqedit.hooks import capture
 from seqedit.scoring import prompt_ids
 
@@ -50,7 +51,7 @@ def test_second_moment_equals_per_document_reference(kind, tok, text):
     arch = arch_for(model)
     docs = corpus(120, 1)[:40]
     # small batches force padding inside batches; padded positions must not count
-    spec = st.StatsSpec(n_samples=40, unit="documents", batch_tokens=64)
+    spec = st.StatsSpec(n_samples=40, unit="documents", batch_tokens=64, dtype="float64")
     got = st.layer_second_moment(model, tok, arch, 1, [text], spec=spec, cache_dir=None)
     ref, n = reference_moment(model, tok, arch.mlp_out(1), docs)
     assert got.count == n and got.n_documents == 40
@@ -199,21 +200,56 @@ def test_missing_or_unsupported_sources_are_clear_errors(tok, gpt2, tmp_path):
         st.StatsSpec(unit="sentences")
 
 
-def test_solver_ridge_auto_explicit_and_exact_solves():
+def test_default_statistics_are_the_published_float32_documents():
+    spec = st.StatsSpec()
+    assert (spec.dtype, spec.unit, spec.n_samples, spec.source) == ("float32", "documents", 100_000, ())
+
+
+def test_solvers_agree_on_a_regular_c_and_ridge_is_only_what_is_configured():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 16, generator=g, dtype=torch.float64)
     c = x.T @ x / 200
     k = torch.randn(16, generator=g, dtype=torch.float64)
-    s = st.make_solver(c, ridge=None)
-    assert s.ridge == 0.0
-    torch.testing.assert_close(c @ s.solve(k), k)
-    r = st.make_solver(c, ridge=0.5)
+    for method in ("cholesky", "pinv"):
+        s = lc.make_solver(c, method=method)
+        assert s.ridge == 0.0 and s.method == method
+        torch.testing.assert_close(c @ s.solve(k), k)
+    inv = lc.make_solver(c.float(), method="inverse")  # the published route: float32 inverse, float32 product
+    assert inv.matrix.dtype == torch.float32
+    torch.testing.assert_close(c @ inv.solve(k), k, rtol=1e-4, atol=1e-4)
+    ev = torch.linalg.eigvalsh(c)
+    assert inv.condition == pytest.approx(float(ev[-1] / ev[0]), rel=1e-3)
+    r = lc.make_solver(c, method="cholesky", ridge=0.5)
     torch.testing.assert_close((c + 0.5 * torch.trace(c) / 16 * torch.eye(16, dtype=torch.float64)) @ r.solve(k), k)
-    singular = x[:8].T @ x[:8] / 8  # rank 8 < 16
-    assert st.make_solver(singular, ridge=None).ridge == st.AUTO_RIDGE
-    with pytest.raises(st.StatsError, match="singular"):
-        st.make_solver(singular, ridge=0.0)
+    with pytest.raises(ValueError, match="not allowed"):
+        lc.make_solver(c, method="auto")
 
+
+def test_singular_c_behaviour_of_each_solver():
+    """A numerically singular C (rank 8 of 16, as dead units give): the published float32 inverse returns the huge
+    solution the original returns (no ridge is added behind the user's back), cholesky refuses it naming the fixes,
+    pinv gives the minimum-norm solution; an exactly singular C (a zero row) makes the inverse fail clearly."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    singular = (x.T @ x / 8).float()
+    k = torch.randn(16, generator=g, dtype=torch.float64)
+    regular = lc.make_solver(lc._ridged(singular, 1e-2), method="cholesky").solve(k)
+    huge = lc.make_solver(singular, method="inverse").solve(k)
+    assert float(huge.norm()) > 1e3 * float(regular.norm())  # the disabling-edit regime of the original
+    with pytest.raises(st.StatsError, match="singular.*ridge"):
+        lc.make_solver(singular, method="cholesky")
+    p = lc.make_solver(singular, method="pinv")
+    proj = p.solve(k)
+    u, sv, _ = torch.linalg.svd(singular.double())
+    rng = u[:, :8]  # range of C
+    torch.testing.assert_close(singular.double() @ proj, rng @ (rng.T @ k), rtol=1e-4, atol=1e-4)
+    assert float(proj.norm()) < float(huge.norm()) / 1e3
+    assert p.condition > 1e6
+    exact = singular.clone()
+    exact[3, :] = 0
+    exact[:, 3] = 0
+    with pytest.raises(st.StatsError, match="exactly singular.*solver=pinv"):
+        lc.make_solver(exact, method="inverse")
 
 def test_several_layers_in_one_pass_equal_single_layers_and_reuse_the_cache(tok, gpt2, text, tmp_path):
     arch = arch_for(gpt2)

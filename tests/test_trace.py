@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from seqedit.archs import arch_for, get_module, num_layers
-from seqedit.editors._rome_core import fill, subject_token_span
+from seqedit.tokens import fill, subject_token_span
 from seqedit.hooks import capture
 from seqedit.model_io import model_fingerprint
 from seqedit.scoring import prompt_ids, target_ids

@@ -29,7 +29,7 @@ def test_world_gates_measure_and_restore(tiny_world, tmp_path):  # noqa: F811
     pairs = wg._unedited_pairs(world, 200, seed=0)
     start = wg._recall(world.model, world.tokenizer, pairs)
     updates = []
-    g = wg.run_gates(world, layer=0, n_trace=8, n_single=4, n_seq=6, n_rome=4, options={"v_num_grad_steps": 5},
+    g = wg.run_gates(world, layer=0, n_trace=8, n_single=4, n_seq=6, n_rome=4, options={"value": {"num_grad_steps": 5}},
                      tmp=tmp_path, device="cpu", check_every=3, on_update=lambda p: updates.append(sorted(p)))
     assert all(torch.equal(before[k], v) for k, v in world.model.state_dict().items())  # restored
     assert len(g["trace"]["grad_share"]) == world.config.n_layer and g["trace"]["facts_used"] > 0

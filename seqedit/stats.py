@@ -1,12 +1,13 @@
 """Second-moment statistics C = E[k kᵀ] of the keys of a rewritten matrix (ROME `layer_stats`), cached on disk.
 
-k is the *input* of `arch.mlp_out(layer)` (d_in = d_ff) at every non-padding token of a configured text: local
-.txt files (one document per line), .jsonl files (a "text" field per line), folders written by
-`datasets.Dataset.save_to_disk`, or in-memory `datasets.Dataset` objects. Nothing is ever downloaded. Accumulation
-is one `addmm` per batch in `dtype` (float64 by default) under `no_grad`, and every forward pass stops right after
-the needed layer. Results are cached as safetensors in `cache_dir`, keyed by a fingerprint of the weights that
-determine the keys, the layer, the text (path + content hash) and the sample count; a damaged file is recomputed, a
-file holding another model's statistics is refused with a clear error.
+Shared by every locate-then-edit editor through its `stats:` config section (`StatsSpec`). k is the *input* of
+`arch.mlp_out(layer)` (d_in = d_ff) at every non-padding token of a configured text: local .txt files (one document
+per line), .jsonl files (a "text" field per line), folders written by `datasets.Dataset.save_to_disk`, or in-memory
+`datasets.Dataset` objects; on the synthetic worlds the world's held-out text by default. Nothing is ever downloaded.
+Accumulation is one `addmm` per batch in `dtype` (float32 as published; float64 on request) under `no_grad`, and
+every forward pass stops right after the needed layer. Results are cached as safetensors in `cache_dir`, keyed by a
+fingerprint of the weights that determine the keys, the layer, the text (path + content hash) and the sample count;
+a damaged file is recomputed, a file holding another model's statistics is refused with a clear error.
 """
 from __future__ import annotations
 
@@ -48,11 +49,14 @@ class StatsCacheError(StatsError):
 
 @dataclass(frozen=True)
 class StatsSpec:
-    """How to estimate C. ROME's published setting is 100,000 documents (Wikipedia), float32; we default to float64."""
+    """How to estimate C (an editor's `stats:` section). Defaults are the published setting: 100,000 documents,
+    accumulated in float32 (kmeng01/memit hparams `mom2_dtype`)."""
 
+    # Text files / saved-dataset folders; () = the world's held-out text on a world model (required otherwise).
+    source: tuple[str, ...] = ()
     n_samples: int = 100_000
     unit: str = "documents"  # documents | tokens: what n_samples counts
-    dtype: str = "float64"  # accumulation and storage dtype
+    dtype: str = "float32"  # accumulation and storage dtype: float32 (published) | float64
     batch_tokens: int = 8192  # padded tokens per forward pass
     max_length: int | None = None  # tokens per document; None = the model's context size
 
@@ -95,11 +99,12 @@ def _is_dataset(src: Source) -> bool:
     return hasattr(src, "column_names") and hasattr(src, "_fingerprint")
 
 
-def _check_sources(sources: Sequence[Source]) -> None:
+def check_sources(sources: Sequence[Source]) -> None:
     if not sources:
         raise StatsError(
-            "no text configured for second-moment statistics (EditorContext.stats_text is empty); give local "
-            ".txt/.jsonl files or a saved datasets folder, or turn mom2_adjustment off"
+            "no text configured for second-moment statistics: set the editor's stats.source to local .txt/.jsonl "
+            "files or a folder written by datasets' save_to_disk (e.g. editor.stats.source=[/data/wiki.txt]); on a "
+            "world model its held-out text is the default"
         )
     for src in sources:
         if _is_dataset(src):
@@ -118,7 +123,7 @@ def _check_sources(sources: Sequence[Source]) -> None:
 
 def source_ids(sources: Sequence[Source]) -> list[dict[str, str]]:
     """Identity of each source for the cache key: path + content hash (datasets: their fingerprint)."""
-    _check_sources(sources)
+    check_sources(sources)
     out = []
     for src in sources:
         if _is_dataset(src):
@@ -152,7 +157,7 @@ def _load_dataset_dir(path: Path) -> Any:
 
 def iter_documents(sources: Sequence[Source]) -> Iterator[str]:
     """Documents in order: every source in turn; empty documents are skipped."""
-    _check_sources(sources)
+    check_sources(sources)
     for src in sources:
         if _is_dataset(src) or Path(src).is_dir():
             ds = src if _is_dataset(src) else _load_dataset_dir(Path(src))
@@ -430,7 +435,7 @@ def layer_second_moments(
                 raise StatsError(
                     f"second moment of {names[layer]} from {count} tokens is singular: it needs at least {d} tokens "
                     f"(the key dimension), preferably many times more; add text to {[str(s) for s in sources]} or "
-                    f"raise mom2_n_samples (now {spec.n_samples} {spec.unit})"
+                    f"raise stats.n_samples (now {spec.n_samples} {spec.unit})"
                 )
             if path is not None:
                 _save(path, moments[names[layer]], key, count, n_docs)
@@ -452,57 +457,3 @@ def layer_second_moment(
     """C = E[k kᵀ] at the input of `arch.mlp_out(layer)`, from the cache when a valid entry exists."""
     return layer_second_moments(model, tokenizer, arch, [layer], sources, spec=spec, cache_dir=cache_dir,
                                 progress=progress)[layer]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Solving with C
-
-
-AUTO_RIDGE = 1e-2  # λ used when C turns out singular and no ridge was configured (environment notes: 1e-2 works)
-_SINGULAR_PIVOT = 1e-10  # a Cholesky pivot² below this fraction of the mean eigenvalue counts as rank deficiency
-
-
-@dataclass(frozen=True)
-class CovSolver:
-    """Solves (C + λ·(tr C / d)·I) x = k with a cached float64 Cholesky factor."""
-
-    chol: torch.Tensor  # [d, d] lower triangular, float64
-    ridge: float  # λ actually used
-
-    def solve(self, k: torch.Tensor) -> torch.Tensor:
-        """k: [d] or [d, n] → same shape, float64."""
-        k64 = k.to(device=self.chol.device, dtype=torch.float64)
-        x = torch.cholesky_solve(k64.reshape(k64.shape[0], -1), self.chol)
-        return x.reshape(k64.shape)
-
-
-def make_solver(mom2: torch.Tensor, *, ridge: float | None, device: torch.device | str | None = None) -> CovSolver:
-    """Factor C (+ ridge). `ridge=None` means automatic: none if C is numerically positive definite, else
-    `AUTO_RIDGE` (with a warning). A singular C with an explicit `ridge=0` is an error naming the fix."""
-    c = mom2.to(device=device, dtype=torch.float64)
-    d = c.shape[0]
-    scale = float(torch.trace(c)) / d
-    if scale <= 0:
-        raise StatsError("second moment has zero trace (all keys are zero)")
-    eye = torch.eye(d, dtype=torch.float64, device=c.device)
-
-    def factor(lam: float) -> torch.Tensor | None:
-        chol, info = torch.linalg.cholesky_ex(c + lam * scale * eye)
-        if int(info) != 0 or float(chol.diagonal().square().min()) < _SINGULAR_PIVOT * scale:
-            return None
-        return chol
-
-    lam = 0.0 if ridge is None else float(ridge)
-    if lam < 0:
-        raise StatsError(f"mom2 ridge must be >= 0, got {ridge}")
-    chol = factor(lam)
-    if chol is None and ridge is None:
-        log.warning("second moment is singular; adding a ridge of %g·(tr C / d)·I", AUTO_RIDGE)
-        lam = AUTO_RIDGE
-        chol = factor(lam)
-    if chol is None:
-        raise StatsError(
-            f"second moment (d={d}) is singular even with ridge {lam}: use more statistics text (many more tokens "
-            "than d), or set mom2_ridge (e.g. 1e-2)"
-        )
-    return CovSolver(chol, lam)
