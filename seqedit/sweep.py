@@ -524,15 +524,6 @@ def _job_record(sweep_dir: Path, pid: str, started: bool = False, **fields: Any)
 
 # -- executors --------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Launched:
-    executor: str
-    job_ids: Mapping[str, str]  # point_id -> job id (submitit) or "" (in-process / pool)
-    results: Mapping[str, dict[str, Any]]  # point_id -> job result or {"status": "failed", "error": ...}
-    jobs: Mapping[str, Any]  # point_id -> submitit Job (submitit executors)
-    seconds: float
-
-
 def slurm_parameters(ex: ExecutorConfig, name: str) -> dict[str, Any]:
     """ExecutorConfig -> submitit.SlurmExecutor parameters (sbatch options)."""
     params: dict[str, Any] = {"job_name": f"seqedit-{name}", "time": int(ex.time_min), "cpus_per_task": ex.cpus,
@@ -581,84 +572,116 @@ def sbatch_script(plan: SweepPlan, n_jobs: int | None = None) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
-def _run_inline(job: SweepJob) -> dict[str, Any]:
+def _call(job: Callable[[], Any]) -> Any:
     return job()
 
 
-def launch(plan: SweepPlan, point_ids: Sequence[str] | None = None, wait: bool | None = None,
-           progress: Callable[[str], None] | None = None) -> Launched:
-    """Run the sweep's points (all, or `point_ids`) with its executor. Finished runs are skipped by the driver
-    (a finished run directory just returns its summary); submitit executors skip them before submitting."""
+@dataclass(frozen=True)
+class Executed:
+    job_ids: Mapping[str, str]  # key -> submitit job id ("" for serial / pool)
+    results: Mapping[str, Any]  # key -> the job's return value, or {"status": "failed", "error": ...}
+    handles: Mapping[str, Any]  # key -> submitit Job (submitit executors)
+    seconds: float
+
+
+def submitit_executor(ex: ExecutorConfig, folder: Path, name: str):
+    """The submitit executor of `ex.kind` (submitit-local or slurm), its parameters set."""
+    submitit = require_submitit()
+    if ex.kind == "slurm":
+        return _slurm_executor(folder, ex, name)
+    executor = submitit.LocalExecutor(folder=str(folder), max_num_timeout=ex.max_requeues)
+    executor.update_parameters(timeout_min=ex.time_min, signal_delay_s=ex.signal_delay_s,
+                               **({"setup": list(ex.setup)} if ex.setup else {}))
+    return executor
+
+
+def execute(jobs: Mapping[str, Callable[[], Any]], ex: ExecutorConfig, folder: Path, name: str,
+            wait: bool = True, on_done: Callable[[str, Any], None] | None = None,
+            on_submitted: Callable[[Mapping[str, str]], None] | None = None) -> Executed:
+    """Run picklable zero-argument callables with the executor `ex` (submitit jobs get their logs and pickles in
+    `folder`; a Slurm batch is one job array). A failing job does not stop the others; Ctrl-C / SIGTERM in a
+    serial sweep stops it (the run is saved as preempted). `on_submitted(job_ids)` is called once the jobs are
+    handed to the executor, `on_done(key, result)` as they finish."""
     from seqedit.signals import StopRequested
 
-    say = progress or (lambda msg: None)
-    ex = plan.executor
-    todo = [p for p in plan.points if point_ids is None or p.point_id in point_ids]
-    jobs = [SweepJob(str(plan.sweep_dir), p.point_id) for p in todo]
-    results: dict[str, dict[str, Any]] = {}
-    job_ids: dict[str, str] = {}
+    done = on_done or (lambda key, result: None)
+    results: dict[str, Any] = {}
+    job_ids: dict[str, str] = {k: "" for k in jobs}
     handles: dict[str, Any] = {}
     t0 = time.perf_counter()
+
+    def failed(e: BaseException) -> dict[str, Any]:
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
+
+    submitted_cb = on_submitted or (lambda ids: None)
     if ex.kind == "serial":
-        _record_launch(plan.sweep_dir, ex.kind, {j.point_id: "" for j in jobs})
-        for p, job in zip(todo, jobs):
-            say(f"sweep {plan.sweep_id}: {p.point_id} {p.label()}")
+        submitted_cb(job_ids)
+        for key, job in jobs.items():
             try:
-                results[p.point_id] = job()
+                results[key] = job()
             except StopRequested:
-                raise  # Ctrl-C / SIGTERM stops the whole sweep (the run is saved as preempted)
+                raise
             except Exception as e:  # noqa: BLE001 - one failed run does not stop the sweep
-                results[p.point_id] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                say(f"sweep: {p.point_id} failed: {e}")
+                results[key] = failed(e)
+            done(key, results[key])
     elif ex.kind == "pool":
         import concurrent.futures as cf
         import multiprocessing as mp
 
-        _record_launch(plan.sweep_dir, ex.kind, {j.point_id: "" for j in jobs})
+        # spawn: no forked copy of this process's torch threads / open files; each worker imports afresh
         with cf.ProcessPoolExecutor(max_workers=ex.workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_inline, job): job.point_id for job in jobs}
+            futures = {pool.submit(_call, job): key for key, job in jobs.items()}
+            submitted_cb(job_ids)
             for fut in cf.as_completed(futures):
-                pid = futures[fut]
+                key = futures[fut]
                 try:
-                    results[pid] = fut.result()
+                    results[key] = fut.result()
                 except Exception as e:  # noqa: BLE001
-                    results[pid] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                say(f"sweep: {pid} {results[pid]['status']}")
+                    results[key] = failed(e)
+                done(key, results[key])
     else:
-        submitit = require_submitit()
-        folder = plan.sweep_dir / "submitit"
-        if ex.kind == "slurm":
-            executor = _slurm_executor(folder, ex, plan.name)
-        else:
-            executor = submitit.LocalExecutor(folder=str(folder), max_num_timeout=ex.max_requeues)
-            executor.update_parameters(timeout_min=ex.time_min, signal_delay_s=ex.signal_delay_s,
-                                       **({"setup": list(ex.setup)} if ex.setup else {}))
-        from seqedit.runs import find_resumable
-
-        live = []
-        for job in jobs:
-            found = find_resumable(plan.configs[job.point_id])
-            if found is not None and (found / "summary.json").is_file():
-                results[job.point_id] = {"status": "finished", "run_dir": str(found), "skipped": True}
-            else:
-                live.append(job)
-        if live:
+        executor = submitit_executor(ex, folder, name)
+        if jobs:
             with executor.batch():  # one job array on Slurm
-                submitted = [executor.submit(job) for job in live]
-            for job, handle in zip(live, submitted):
-                handles[job.point_id] = handle
-                job_ids[job.point_id] = str(handle.job_id)
-        _record_launch(plan.sweep_dir, ex.kind, job_ids)
-        say(f"sweep {plan.sweep_id}: submitted {len(live)} job(s) ({ex.kind}), {len(jobs) - len(live)} finished "
-            "already")
-        if wait if wait is not None else ex.kind == "submitit-local":
-            for pid, handle in handles.items():
+                submitted = [executor.submit(job) for job in jobs.values()]
+            for key, handle in zip(jobs, submitted):
+                handles[key] = handle
+                job_ids[key] = str(handle.job_id)
+        submitted_cb(job_ids)
+        if wait:
+            for key, handle in handles.items():
                 try:
-                    results[pid] = handle.result()
+                    results[key] = handle.result()
                 except Exception as e:  # noqa: BLE001
-                    results[pid] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                say(f"sweep: {pid} {results[pid]['status']}")
-    return Launched(ex.kind, job_ids, results, handles, time.perf_counter() - t0)
+                    results[key] = failed(e)
+                done(key, results[key])
+    return Executed(job_ids, results, handles, time.perf_counter() - t0)
+
+
+def launch(plan: SweepPlan, point_ids: Sequence[str] | None = None, wait: bool | None = None,
+           progress: Callable[[str], None] | None = None) -> Executed:
+    """Run the sweep's points (all, or `point_ids`) with its executor; waits by default except on Slurm. Points
+    whose run has finished are not launched again (a relaunch only continues what is left)."""
+    from seqedit.runs import find_resumable
+
+    say = progress or (lambda msg: None)
+    ex = plan.executor
+    todo = [p for p in plan.points if point_ids is None or p.point_id in point_ids]
+    finished, jobs = {}, {}
+    for p in todo:
+        found = find_resumable(plan.configs[p.point_id])
+        if found is not None and (found / "summary.json").is_file():
+            finished[p.point_id] = {"status": "finished", "run_dir": str(found), "skipped": True}
+        else:
+            jobs[p.point_id] = SweepJob(str(plan.sweep_dir), p.point_id)
+    labels = {p.point_id: p.label() for p in plan.points}
+    say(f"sweep {plan.sweep_id}: {len(jobs)} run(s) to go ({ex.kind}), {len(finished)} finished already")
+    wait = ex.kind != "slurm" if wait is None else wait
+    out = execute(jobs, ex, plan.sweep_dir / "submitit", plan.name, wait=wait,
+                  on_done=lambda pid, r: say(f"sweep: {pid} ({labels[pid]}) {r.get('status')}"
+                                             + (f": {r['error']}" if r.get("error") else "")),
+                  on_submitted=lambda ids: _record_launch(plan.sweep_dir, ex.kind, ids))
+    return Executed(out.job_ids, {**finished, **out.results}, out.handles, out.seconds)
 
 
 # -- status, resubmission, report -------------------------------------------------------------------------------
@@ -717,8 +740,9 @@ def sweep_status(sweep_dir: str | Path) -> list[PointStatus]:
             continue
         age = f"{st.heartbeat_age_s:.0f}s ago" if st.heartbeat_age_s is not None else "-"
         alerts = f"{st.alerts}" + (f" ({st.last_alert})" if st.last_alert else "")
+        message = "" if st.state == "finished" else st.message or job.get("message", "")  # (a past stop's reason)
         rows.append(PointStatus(pid, p["label"], run_dir, st.state, f"{st.edits_done}/{st.total}", age, alerts,
-                                job_id, st.message or job.get("message", "")))
+                                job_id, message))
     return rows
 
 

@@ -177,12 +177,12 @@ def _preempted_sweep(cache: Path, tmp_path: Path, grid: list[str], victim: dict,
     (target,) = [p for p in plan.points if dict(p.assignment) == victim]
     t0 = time.perf_counter()
     launched = sw.launch(plan, wait=False)
-    assert set(launched.jobs) == {p.point_id for p in plan.points}
+    assert set(launched.handles) == {p.point_id for p in plan.points}
     _wait_for(lambda: _ledger_records(plan.runs_dir, target.run_id) >= 3, 240, "3 committed edits")
     job = json.loads((plan.sweep_dir / "jobs" / f"{target.point_id}.json").read_text())
     os.kill(job["pid"], signal.SIGUSR2)
     t_signal = time.perf_counter()
-    results = {pid: handle.result() for pid, handle in launched.jobs.items()}
+    results = {pid: handle.result() for pid, handle in launched.handles.items()}
     return plan, target, results, {"signal_at_s": t_signal - t0, "total_s": time.perf_counter() - t0}
 
 
@@ -263,3 +263,24 @@ def test_serial_sweep_relaunch_finds_the_same_runs_and_resubmits_failed(cache, t
     table = capsys.readouterr().out
     assert "2 finished" in table
     assert json.loads((victim / "summary.json").read_text())["weights_sha256"] == shas[runs[0]]
+
+
+# -- bench/world_sweep.py runs its variants through the sweep executors ---------------------------------------------
+
+def test_world_sweep_bench_runs_variants_through_the_executors(tmp_path):
+    import subprocess
+
+    variants = {"gates": {"trace": 3, "single": 0, "sequential": 0, "rome": 0, "check-every": 2},
+                "base": {"n_subjects": 20, "relations_per_subject": 2, "n_layer": 1, "n_embd": 32, "n_head": 2,
+                         "n_positions": 64, "epochs": 2, "arithmetic_max": 4, "n_ordering_mc": 8,
+                         "heldout_min_tokens": 300, "corpus": {"ordering_lines_per_epoch": 10}},
+                "a": {"world": {}}, "b": {"world": {"epochs": 3}}}
+    (tmp_path / "v.json").write_text(json.dumps(variants))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "bench" / "world_sweep.py"), str(tmp_path / "v.json"),
+                           "--out", str(tmp_path / "s.json"), "--executor", "serial", "--only", "a", "--minutes", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = json.loads((tmp_path / "s.json").read_text())
+    assert set(merged) == {"a"} and "table" in merged["a"]["trace"] and merged["a"]["report"]["n_records"] > 0
+    assert "a finished rc=0" in proc.stdout
