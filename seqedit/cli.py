@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--executor", default=None, help="serial | pool | submitit-local | slurm")
     g.add_argument("--workers", type=int, default=None, help="pool: processes at once")
     g.add_argument("--partition", default=None)
-    g.add_argument("--time", type=int, default=None, help="minutes per job (sbatch --time)")
+    g.add_argument("--time", type=float, default=None, help="minutes per job (sbatch --time)")
     g.add_argument("--gpus", type=int, default=None, help="GPUs per job (--gpus-per-node)")
     g.add_argument("--cpus", type=int, default=None, help="CPUs per job (--cpus-per-task)")
     g.add_argument("--mem-gb", type=float, default=None)

@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -68,7 +69,7 @@ class ExecutorConfig:
     workers: int = 2  # pool size (local process pool)
     # Slurm (sbatch) resources, one job per run, submitted as one array
     partition: str | None = None
-    time_min: int = 240  # --time; a job past it gets the signal, stops, requeues and resumes
+    time_min: float = 240  # --time (minutes, rounded up for Slurm); past it a job is signalled, stops, requeues, resumes
     gpus: int = 0  # --gpus-per-node
     cpus: int = 1  # --cpus-per-task (set the run's `threads` to match)
     mem_gb: float | None = None  # --mem
@@ -286,7 +287,9 @@ def plan_sweep(config: str | Path | None, overrides: Sequence[str] = (), grid: S
     ex = build_dataclass(ExecutorConfig, exec_tree, "sweep.executor")
     if ex.kind not in EXECUTORS:
         raise SweepError(f"sweep.executor.kind: {ex.kind!r} is not allowed; allowed: {', '.join(EXECUTORS)}")
-    for k in ("workers", "time_min", "cpus", "max_requeues", "array_parallelism"):
+    if not ex.time_min > 0:
+        raise SweepError(f"sweep.executor.time_min: {ex.time_min} must be > 0")
+    for k in ("workers", "cpus", "max_requeues", "array_parallelism"):
         if getattr(ex, k) < 1:
             raise SweepError(f"sweep.executor.{k}: {getattr(ex, k)} must be >= 1")
     if ex.gpus < 0 or ex.signal_delay_s < 0:
@@ -526,7 +529,7 @@ def _job_record(sweep_dir: Path, pid: str, started: bool = False, **fields: Any)
 
 def slurm_parameters(ex: ExecutorConfig, name: str) -> dict[str, Any]:
     """ExecutorConfig -> submitit.SlurmExecutor parameters (sbatch options)."""
-    params: dict[str, Any] = {"job_name": f"seqedit-{name}", "time": int(ex.time_min), "cpus_per_task": ex.cpus,
+    params: dict[str, Any] = {"job_name": f"seqedit-{name}", "time": math.ceil(ex.time_min), "cpus_per_task": ex.cpus,
                               "signal_delay_s": int(ex.signal_delay_s), "array_parallelism": ex.array_parallelism}
     if ex.gpus:
         params["gpus_per_node"] = ex.gpus

@@ -284,3 +284,42 @@ def test_world_sweep_bench_runs_variants_through_the_executors(tmp_path):
     merged = json.loads((tmp_path / "s.json").read_text())
     assert set(merged) == {"a"} and "table" in merged["a"]["trace"] and merged["a"]["report"]["n_records"] > 0
     assert "a finished rc=0" in proc.stdout
+
+
+@pytest.mark.slow
+def test_pool_sweep_gives_the_weights_of_serial_runs(cache, tmp_path):
+    grid = ["editor.name=random", "seed=0,1"]
+    pool = sw.plan_sweep(None, base_args(cache, tmp_path / "p", 4), grid, {"kind": "pool", "workers": 2},
+                         sweep_dir=tmp_path / "pool")
+    serial = sw.plan_sweep(None, base_args(cache, tmp_path / "s", 4), grid, {"kind": "serial"},
+                           sweep_dir=tmp_path / "serial")
+    assert [p.run_id for p in pool.points] == [p.run_id for p in serial.points]
+    results = {}
+    for plan in (pool, serial):
+        sw.write_sweep(plan)
+        results[plan.executor.kind] = sw.launch(plan).results
+    assert {k: r["weights_sha256"] for k, r in results["pool"].items()} == \
+        {k: r["weights_sha256"] for k, r in results["serial"].items()}
+    assert all(r["status"] == "finished" for r in results["pool"].values())
+
+
+@pytest.mark.slow
+def test_local_submitit_time_limit_requeues_until_the_run_finishes(cache, tmp_path):
+    """A run longer than its time limit: submitit's own pre-timeout USR2 (signal_delay_s before the limit) stops
+    it at a safe point, the job is requeued (a timeout each time) and it finishes over several attempts, with the
+    weights of a straight run."""
+    plan = sw.plan_sweep(None, base_args(cache, tmp_path, 60), ["editor.name=ft"],
+                         {"kind": "submitit-local", "time_min": 0.4, "signal_delay_s": 12, "max_requeues": 6},
+                         sweep_dir=tmp_path / "sweep")
+    sw.write_sweep(plan)
+    results = sw.launch(plan).results
+    (p,) = plan.points
+    job = json.loads((plan.sweep_dir / "jobs" / f"{p.point_id}.json").read_text())
+    assert results[p.point_id]["status"] == "finished" and job["attempt"] >= 2, (results, job)
+    events = [e["event"] for e in read_jsonl(plan.runs_dir / p.run_id / "events.jsonl")]
+    assert events.count("preempted") == job["attempt"] - 1 and events[-1] == "finished"
+    import dataclasses
+
+    cfg = dataclasses.replace(sw.point_config(plan.sweep_dir, p.point_id), runs_dir=str(tmp_path / "straight"))
+    ref = json.loads((run(cfg).run_dir / "summary.json").read_text())
+    assert results[p.point_id]["weights_sha256"] == ref["weights_sha256"]
