@@ -474,15 +474,19 @@ class SweepJob(_JobBase):
         from seqedit.runs import find_resumable
         from seqedit.signals import StopRequested
 
+        from seqedit.checkpoint import RunLock
+
         sweep_dir = Path(self.sweep_dir)
         cfg = point_config(sweep_dir, self.point_id)
+        run_dir = find_resumable(cfg)  # a relaunch or a requeued job continues the same directory
+        if run_dir is not None and RunLock.is_locked(run_dir):  # a duplicate job: leave the live one's record alone
+            raise SweepError(f"point {self.point_id}: {run_dir} is being run by another process")
         rec = _job_record(sweep_dir, self.point_id, started=True)
 
         def say(msg: str) -> None:
             print(f"[{self.point_id}] {msg}", file=sys.stderr, flush=True)
 
         with _submitit_preemption() as hooks:
-            run_dir = find_resumable(cfg)  # a relaunch or a requeued job continues the same directory
             if run_dir is not None:
                 say(f"continuing {run_dir}")
             try:
@@ -670,11 +674,16 @@ def launch(plan: SweepPlan, point_ids: Sequence[str] | None = None, wait: bool |
     say = progress or (lambda msg: None)
     ex = plan.executor
     todo = [p for p in plan.points if point_ids is None or p.point_id in point_ids]
+    from seqedit.checkpoint import RunLock
+
     finished, jobs = {}, {}
     for p in todo:
         found = find_resumable(plan.configs[p.point_id])
         if found is not None and (found / "summary.json").is_file():
             finished[p.point_id] = {"status": "finished", "run_dir": str(found), "skipped": True}
+        elif found is not None and RunLock.is_locked(found):
+            finished[p.point_id] = {"status": "running", "run_dir": str(found), "skipped": True}
+            say(f"sweep: {p.point_id} is running already ({found}); not launched again")
         else:
             jobs[p.point_id] = SweepJob(str(plan.sweep_dir), p.point_id)
     labels = {p.point_id: p.label() for p in plan.points}
@@ -776,12 +785,30 @@ def plan_from_manifest(sweep_dir: str | Path, executor: Mapping[str, Any] | None
 
 def failed_points(sweep_dir: str | Path) -> list[str]:
     """Points to resubmit: failed, preempted and not held by any process, killed (`running?`), or never started
-    although submitted (the job died before the run directory existed)."""
+    although submitted (the job died before the run directory existed); on Slurm not those whose job is still
+    queued or running (a requeued job waiting for a node)."""
     out = []
     for r in sweep_status(sweep_dir):
         if r.state in FAILED_STATES or r.state == "submitted" and _job_dead(Path(sweep_dir), r.point_id):
-            out.append(r.point_id)
+            if not _slurm_job_alive(Path(sweep_dir), r.job_id.split(" ")[0]):
+                out.append(r.point_id)
     return out
+
+
+SLURM_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+               "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING")
+
+
+def _slurm_job_alive(sweep_dir: Path, job_id: str) -> bool:
+    if not job_id or job_id.startswith("pid") or shutil.which("sacct") is None:
+        return False  # not a Slurm job (or no Slurm here): a run not held by a process is not alive
+    try:
+        import submitit
+
+        state = submitit.SlurmJob(folder=str(sweep_dir / "submitit"), job_id=job_id).state
+    except Exception:  # noqa: BLE001 - unknown: let the user decide with the table
+        return False
+    return str(state).upper() in SLURM_ALIVE
 
 
 def _job_dead(sweep_dir: Path, pid: str) -> bool:

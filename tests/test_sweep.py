@@ -259,6 +259,18 @@ def test_serial_sweep_relaunch_finds_the_same_runs_and_resubmits_failed(cache, t
     table = capsys.readouterr().out
     assert re.search(rf"{runs[0]}\s+failed", table) and "node died" in table and "1 failed, 1 finished" in table
     assert sw.failed_points(tmp_path / "s") == [manifest["points"][0]["point_id"]]
+    # a run held by a live process is not launched again, and a duplicate job refuses before touching its record
+    from seqedit.checkpoint import RunLock
+
+    plan = sw.plan_from_manifest(tmp_path / "s")
+    pid0 = manifest["points"][0]["point_id"]
+    record = (tmp_path / "s" / "jobs" / f"{pid0}.json").read_text()
+    with RunLock(victim).acquire():
+        assert sw.launch(plan, [pid0]).results[pid0]["status"] == "running"
+        with pytest.raises(sw.SweepError, match="being run by another process"):
+            sw.SweepJob(str(tmp_path / "s"), pid0)()
+    assert (tmp_path / "s" / "jobs" / f"{pid0}.json").read_text() == record
+    assert not (victim / "summary.json").exists()
     assert main(["sweep", "--status", str(tmp_path / "s"), "--resubmit-failed"]) == 0
     table = capsys.readouterr().out
     assert "2 finished" in table
