@@ -99,6 +99,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             return 0
         if args.resubmit_failed:
             plan = sw.plan_from_manifest(target, executor)
+            sw.check_can_submit(plan.executor)
             todo = sw.failed_points(target)
             if not todo:
                 print("nothing to resubmit")
@@ -123,6 +124,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if plan.executor.kind == "slurm":
             print(sw.sbatch_script(plan))
         return 0
+    sw.check_can_submit(plan.executor)
     sw.write_sweep(plan)
     wait = args.wait if plan.executor.kind == "slurm" else not args.no_wait
     done = sw.launch(plan, wait=wait, progress=_say)

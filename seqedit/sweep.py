@@ -330,14 +330,13 @@ def plan_sweep(config: str | Path | None, overrides: Sequence[str] = (), grid: S
     sweep_id = f"{sweep_name}-{digest}"
     root = Path(sweep_dir) if sweep_dir is not None else Path(str(base.get("runs_dir", "runs"))) / "sweeps" / sweep_id
     root = root.absolute()
-    wb = base.get("wandb") if isinstance(base.get("wandb"), Mapping) else {}
-    group = str(wb.get("group") or sweep_id)  # one wandb group per sweep (an explicit group is kept)
-    base_tags = tuple(wb.get("tags") or ())
+    # one wandb group per sweep (an explicit wandb.group is kept; it cannot be an axis, so all points share it)
+    group = configs[points[0].point_id].wandb.group or sweep_id
     for p in points:
         cfg = configs[p.point_id]
         configs[p.point_id] = dataclasses.replace(
             cfg, runs_dir=str(root / "runs"),
-            wandb=dataclasses.replace(cfg.wandb, group=group, tags=(*base_tags, *p.tags)))
+            wandb=dataclasses.replace(cfg.wandb, group=group, tags=(*cfg.wandb.tags, *p.tags)))
     source = {"config": str(config) if config is not None else None, "overrides": list(overrides),
               "grid": list(grid)}
     return SweepPlan(sweep_id, sweep_name, root, source, tuple(axes), tuple(points), configs, ex, group)
@@ -559,15 +558,21 @@ def _slurm_executor(folder: Path, ex: ExecutorConfig, name: str, check: bool = T
                 return 2
 
         cls = _Offline
-    elif shutil.which("sbatch") is None:
-        raise SweepError("--executor slurm: sbatch is not on PATH (not a Slurm login node?); use --dry-run to see "
-                         "the sbatch script, or --executor submitit-local / pool / serial")
+    else:
+        check_can_submit(ex)
     executor = cls(folder=str(folder), max_num_timeout=ex.max_requeues)
     try:
         executor.update_parameters(**slurm_parameters(ex, name))
     except ValueError as e:
         raise SweepError(f"sweep.executor: {e}") from None
     return executor
+
+
+def check_can_submit(ex: ExecutorConfig) -> None:
+    """Refuse a Slurm sweep where there is no Slurm, before the sweep directory is created."""
+    if ex.kind == "slurm" and shutil.which("sbatch") is None:
+        raise SweepError("--executor slurm: sbatch is not on PATH (not a Slurm login node?); use --dry-run to see "
+                         "the sbatch script, or --executor submitit-local / pool / serial")
 
 
 def sbatch_script(plan: SweepPlan, n_jobs: int | None = None) -> str:

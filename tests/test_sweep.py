@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -109,6 +110,13 @@ def test_bad_executor_settings_are_refused(cache, tmp_path, capsys):
                            (["--workers", "0", "--executor", "pool"], "workers: 0 must be >= 1")]:
         assert main(["sweep", *base_args(cache, tmp_path), "--grid", "seed=0,1", *flags]) == 2
         assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is not None, reason="a Slurm machine")
+def test_slurm_without_slurm_is_refused_before_the_sweep_directory(cache, tmp_path, capsys):
+    assert main(["sweep", *base_args(cache, tmp_path), "--grid", "seed=0,1", "--executor", "slurm"]) == 2
+    assert "sbatch is not on PATH" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -335,3 +343,12 @@ def test_local_submitit_time_limit_requeues_until_the_run_finishes(cache, tmp_pa
     cfg = dataclasses.replace(sw.point_config(plan.sweep_dir, p.point_id), runs_dir=str(tmp_path / "straight"))
     ref = json.loads((run(cfg).run_dir / "summary.json").read_text())
     assert results[p.point_id]["weights_sha256"] == ref["weights_sha256"]
+
+
+def test_wandb_group_and_tags_per_axis_keep_the_base_ones(cache, tmp_path):
+    plan = sw.plan_sweep(None, base_args(cache, tmp_path) + ["wandb.tags=[nightly]"], ["seed=0,1"])
+    assert {plan.configs[p.point_id].wandb.tags for p in plan.points} == {("nightly", "seed=0"), ("nightly", "seed=1")}
+    assert {plan.configs[p.point_id].wandb.group for p in plan.points} == {plan.sweep_id}
+    named = sw.plan_sweep(None, base_args(cache, tmp_path) + ["wandb.group=ablation-7"], ["seed=0,1"])
+    assert named.wandb_group == "ablation-7" and named.sweep_id == plan.sweep_id  # resume-safe: same runs
+    assert {named.configs[p.point_id].wandb.group for p in named.points} == {"ablation-7"}
