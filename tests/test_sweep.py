@@ -159,6 +159,16 @@ def test_sbatch_script_golden(cache, tmp_path):
         assert line in text.splitlines()
 
 
+def test_dry_run_prints_the_runs_and_the_sbatch_script_and_creates_nothing(cache, tmp_path, capsys):
+    argv = ["sweep", *base_args(cache, tmp_path), "--grid", "seed=0,1,2", "--executor", "slurm", "--gpus", "2",
+            "--time", "90", "--signal-delay-s", "300", "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 runs over seed (slurm)" in out and out.count("default-") >= 3
+    assert "#SBATCH --signal=USR2@300" in out and "#SBATCH --array=0-2%3" in out and "--gpus-per-node=2" in out
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- running: submitit's local executor, a forced preemption ----------------------------------------------------
 
 def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
@@ -283,6 +293,10 @@ def test_serial_sweep_relaunch_finds_the_same_runs_and_resubmits_failed(cache, t
     table = capsys.readouterr().out
     assert "2 finished" in table
     assert json.loads((victim / "summary.json").read_text())["weights_sha256"] == shas[runs[0]]
+    # the sweep report: both runs side by side, the two seeds of one config aggregated
+    assert main(["sweep", "--report", str(tmp_path / "s")]) == 0
+    report = json.loads((tmp_path / "s" / "report" / "summary.json").read_text())
+    assert sorted(r["run"] for r in report["runs"]) == runs
 
 
 # -- bench/world_sweep.py runs its variants through the sweep executors ---------------------------------------------
