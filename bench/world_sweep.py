@@ -1,7 +1,10 @@
-"""Run `world_gates.py` over many world/editor design variants in parallel, one process each.
+"""Run `world_gates.py` over many world/editor design variants in parallel, one process each, through the sweep
+executors of `seqedit.sweep` (a local process pool by default; `--executor slurm` submits one job array).
 
     .venv/bin/python bench/world_sweep.py bench/world_variants.json --out sweep.json \
         --device cuda --minutes 8
+    .venv/bin/python bench/world_sweep.py bench/world_variants.json --out sweep.json --executor slurm \
+        --partition gpu --gpus 1 --cpus 4 --time 60 --device cuda
 
 The variants file maps a name to {"world": <WorldConfig fields>, "options": <r-ROME overrides>, "layer": int,
 "gates": <world_gates.py flags>} ("base" holds world fields and "gates" flags shared by all; variants with the same
@@ -15,8 +18,25 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from seqedit.sweep import EXECUTORS, ExecutorConfig, execute
+
+
+@dataclass(frozen=True)
+class GatesJob:
+    """One variant: world_gates.py in its own process, its output in a log file (picklable for every executor)."""
+
+    cmd: tuple[str, ...]
+    log: str
+
+    def __call__(self) -> dict:
+        with open(self.log, "w") as f:
+            rc = subprocess.call(list(self.cmd), stdout=f, stderr=subprocess.STDOUT)
+        return {"status": "finished" if rc == 0 else "failed", "rc": rc}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -48,6 +68,13 @@ def summary_line(name: str, g: dict) -> str:
     return " | ".join(parts)
 
 
+def _line(name: str, g: dict) -> str:
+    try:
+        return summary_line(name, g)
+    except (KeyError, TypeError, ValueError):  # a gate cut short (deadline) leaves None figures
+        return f"{name:>22s} | gates: {', '.join(sorted(g))}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants")
@@ -56,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=8.0, help="edit loops stop this long after the start")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--only", nargs="*", help="run only these variants")
-    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="variants at once (pool executor)")
+    ap.add_argument("--executor", default="pool", choices=EXECUTORS)
+    ap.add_argument("--partition", default=None)
+    ap.add_argument("--time", type=int, default=60, help="slurm: minutes per variant")
+    ap.add_argument("--gpus", type=int, default=0)
+    ap.add_argument("--cpus", type=int, default=1)
     ap.add_argument("--work", help="folder for per-variant logs, figures and the world cache (default: next to --out)")
     args = ap.parse_args(argv)
     spec = json.loads(Path(args.variants).read_text())
@@ -68,35 +100,57 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache_dir or str(work / "cache")
     deadline = time.time() + 60 * args.minutes
     here = Path(__file__).resolve().parent
-    pending, running, logs = list(names), {}, {}
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            name = pending.pop(0)
-            v = spec[name]
-            wpath = work / f"{name}.world.json"
-            world = _merge(base, v.get("world", {}))
-            world.setdefault("name", "sweep")  # same fields, same hash: variants share one build
-            wpath.write_text(json.dumps(world))
-            cmd = [sys.executable, str(here / "world_gates.py"), "--world-json", str(wpath), "--cache-dir", cache,
-                   "--device", args.device, "--layer", str(v.get("layer", 0)),
-                   "--options", json.dumps(v.get("options", {})), "--deadline", str(deadline),
-                   "--out", str(work / f"{name}.json")]
-            for flag, value in {**gates, **v.get("gates", {})}.items():
-                cmd += [f"--{flag}", str(value)]
-            logs[name] = open(work / f"{name}.log", "w")
-            running[name] = subprocess.Popen(cmd, stdout=logs[name], stderr=subprocess.STDOUT)
-        time.sleep(5)
-        for name, proc in list(running.items()):
-            if proc.poll() is not None:
-                logs[name].close()
-                del running[name]
-                g = _load(work / f"{name}.json")
-                print(f"[{time.strftime('%H:%M:%S')}] {name} rc={proc.returncode}: "
-                      + (summary_line(name, g) if g else (work / f"{name}.log").read_text()[-1500:]), flush=True)
+    jobs = {}
+    for name in names:
+        v = spec[name]
+        wpath = work / f"{name}.world.json"
+        world = _merge(base, v.get("world", {}))
+        world.setdefault("name", "sweep")  # same fields, same hash: variants share one build
+        wpath.write_text(json.dumps(world))
+        cmd = [sys.executable, str(here / "world_gates.py"), "--world-json", str(wpath), "--cache-dir", cache,
+               "--device", args.device, "--layer", str(v.get("layer", 0)),
+               "--options", json.dumps(v.get("options", {})), "--deadline", str(deadline),
+               "--out", str(work / f"{name}.json")]
+        for flag, value in {**gates, **v.get("gates", {})}.items():
+            cmd += [f"--{flag}", str(value)]
+        jobs[name] = GatesJob(tuple(cmd), str(work / f"{name}.log"))
+
+    def merge() -> dict:
         merged = {n: _load(work / f"{n}.json") for n in names}
         Path(args.out).write_text(json.dumps(merged, indent=1, default=str))
-    print("\n".join(summary_line(n, g) for n, g in merged.items() if g))
+        return merged
+
+    def report(name: str, result: dict) -> None:
+        g = _load(work / f"{name}.json")
+        print(f"[{time.strftime('%H:%M:%S')}] {name} {result.get('status')} rc={result.get('rc')}: "
+              + (_line(name, g) if g else _tail(work / f"{name}.log") + str(result.get("error", ""))),
+              flush=True)
+
+    finished = threading.Event()
+
+    def merge_every_few_seconds() -> None:  # figures gathered so far reach --out even if the sweep is cut off
+        while not finished.wait(5):
+            merge()
+
+    ticker = threading.Thread(target=merge_every_few_seconds, daemon=True)
+    ticker.start()
+    executor = ExecutorConfig(kind=args.executor, workers=max(1, args.jobs), partition=args.partition,
+                              time_min=args.time, gpus=args.gpus, cpus=args.cpus)
+    try:
+        execute(jobs, executor, work / "submitit", "world-sweep", wait=True, on_done=report)
+    finally:
+        finished.set()
+        ticker.join()
+    merged = merge()
+    print("\n".join(_line(n, g) for n, g in merged.items() if g))
     return 0
+
+
+def _tail(path: Path) -> str:
+    try:
+        return path.read_text()[-1500:]
+    except OSError:
+        return ""
 
 
 def _load(path: Path) -> dict:

@@ -1,4 +1,5 @@
-"""`seqedit` command line: run, resume, status, export, report, world build|info, trace, push-wandb, list-editors."""
+"""`seqedit` command line: run, sweep, resume, status, export, report, world build|info, trace, push-wandb,
+list-editors."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +75,71 @@ def cmd_report(args: argparse.Namespace) -> int:
         for line in run["conclusion"]:
             print(f"  {line}")
     print(f"report: {out / 'index.html'}")
+    return 0
+
+
+EXECUTOR_FLAGS = {  # --flag -> sweep.executor key (only the flags given override the file's executor section)
+    "executor": "kind", "workers": "workers", "partition": "partition", "time": "time_min", "gpus": "gpus",
+    "cpus": "cpus", "mem_gb": "mem_gb", "account": "account", "constraint": "constraint", "qos": "qos",
+    "signal_delay_s": "signal_delay_s", "max_requeues": "max_requeues", "setup": "setup",
+}
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from seqedit import sweep as sw
+
+    executor = {key: getattr(args, flag) for flag, key in EXECUTOR_FLAGS.items() if getattr(args, flag) is not None}
+    if args.status or args.report:
+        target = args.status or args.report
+        if args.config is not None or args.overrides or args.grid:
+            raise ValueError("--status/--report take a sweep directory only (no config, overrides or --grid)")
+        if args.report:
+            out = sw.sweep_report(target, progress=_say)
+            print(f"report: {out / 'index.html'}" if out else "report: no finished run yet")
+            return 0
+        if args.resubmit_failed:
+            plan = sw.plan_from_manifest(target, executor)
+            sw.check_can_submit(plan.executor)
+            todo = sw.failed_points(target)
+            if not todo:
+                print("nothing to resubmit")
+            else:
+                print(f"resubmitting {len(todo)} point(s): {', '.join(todo)}")
+                sw.launch(plan, todo, wait=not args.no_wait if plan.executor.kind != "slurm" else args.wait,
+                          progress=_say)
+        print(sw.format_sweep_status(sw.sweep_status(target)))
+        return 0
+    if args.resubmit_failed:
+        raise ValueError("--resubmit-failed goes with --status SWEEP_DIR")
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)
+        config = None
+    plan = sw.plan_sweep(config or default_config_path(), overrides, args.grid, executor, args.sweep_dir, args.name)
+    print(f"sweep {plan.sweep_id}: {len(plan.points)} runs over {', '.join(a.key for a in plan.axes)} "
+          f"({plan.executor.kind}); wandb group {plan.wandb_group}; {plan.sweep_dir}")
+    for p in plan.points:
+        print(f"  {p.point_id}  {p.label():40s}  {p.run_id}")
+    if args.dry_run:
+        if plan.executor.kind == "slurm":
+            print(sw.sbatch_script(plan))
+        return 0
+    sw.check_can_submit(plan.executor)
+    sw.write_sweep(plan)
+    wait = args.wait if plan.executor.kind == "slurm" else not args.no_wait
+    done = sw.launch(plan, wait=wait, progress=_say)
+    rows = sw.sweep_status(plan.sweep_dir)
+    print(sw.format_sweep_status(rows))
+    print(f"sweep wall time {done.seconds:.1f} s; status: seqedit sweep --status {plan.sweep_dir}")
+    if wait and not args.no_report:
+        out = sw.sweep_report(plan.sweep_dir, progress=_say)
+        if out:
+            print(f"report: {out / 'index.html'}")
+    failed = [pid for pid, r in done.results.items() if r.get("status") != "finished"]
+    if failed and wait:
+        print(f"{len(failed)} run(s) did not finish: {', '.join(failed)}; see the table, then "
+              f"`seqedit sweep --status {plan.sweep_dir} --resubmit-failed`")
+        return 1
     return 0
 
 
@@ -205,6 +271,41 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--z", type=float, default=6.0, help="disabling-edit detector: robust z-score threshold")
     rp.add_argument("--min-ratio", type=float, default=5.0, help="disabling-edit detector: x window median")
     rp.set_defaults(func=cmd_report)
+
+    sw = sub.add_parser("sweep", help="a grid of runs (stable ids, one wandb group) locally or on Slurm (submitit)")
+    sw.add_argument("config", nargs="?", help="YAML config, may hold a sweep: section (default: "
+                    "runs/configs/default.yaml)")
+    sw.add_argument("overrides", nargs="*", help="dotted overrides shared by all runs")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="an axis; repeat for a cartesian product (values are YAML: editor={name: rome},{name: ft})")
+    sw.add_argument("--sweep-dir", default=None, help="default <runs_dir>/sweeps/<name>-<hash8>")
+    sw.add_argument("--name", default=None, help="sweep name (default: sweep.name, else the config's name)")
+    sw.add_argument("--dry-run", action="store_true", help="validate and list the runs (and the sbatch script "
+                    "for --executor slurm); create nothing")
+    sw.add_argument("--status", metavar="SWEEP_DIR", default=None, help="table of the sweep's runs")
+    sw.add_argument("--resubmit-failed", action="store_true", help="with --status: run failed, preempted and "
+                    "killed points again (they resume)")
+    sw.add_argument("--report", metavar="SWEEP_DIR", default=None, help="write SWEEP_DIR/report over its "
+                    "finished runs")
+    sw.add_argument("--no-wait", action="store_true", help="local executors: return once submitted")
+    sw.add_argument("--wait", action="store_true", help="slurm: wait for the jobs (default: return once submitted)")
+    sw.add_argument("--no-report", action="store_true", help="no sweep report at the end")
+    g = sw.add_argument_group("executor (override the file's sweep.executor)")
+    g.add_argument("--executor", default=None, help="serial | pool | submitit-local | slurm")
+    g.add_argument("--workers", type=int, default=None, help="pool: processes at once")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--time", type=float, default=None, help="minutes per job (sbatch --time)")
+    g.add_argument("--gpus", type=int, default=None, help="GPUs per job (--gpus-per-node)")
+    g.add_argument("--cpus", type=int, default=None, help="CPUs per job (--cpus-per-task)")
+    g.add_argument("--mem-gb", type=float, default=None)
+    g.add_argument("--account", default=None)
+    g.add_argument("--constraint", default=None)
+    g.add_argument("--qos", default=None)
+    g.add_argument("--signal-delay-s", type=int, default=None, help="USR2 this long before the time limit "
+                   "(--signal=USR2@N): the run stops at a safe point and the job is requeued")
+    g.add_argument("--max-requeues", type=int, default=None)
+    g.add_argument("--setup", action="append", default=None, help="shell line run before each job (repeatable)")
+    sw.set_defaults(func=cmd_sweep)
 
     rs = sub.add_parser("resume", help="continue an interrupted run from its snapshot + ledger, bit-exactly")
     rs.add_argument("run_dir")

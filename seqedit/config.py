@@ -223,7 +223,7 @@ MINIMUMS = {"n_edits": 1, "batch_size": 1, "telemetry.state_every": 1, "checkpoi
             "telemetry.spike_window": 2}
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
@@ -332,20 +332,32 @@ def complete(cfg: RunConfig) -> RunConfig:
                                probes=probes)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
-        tree = loaded
+def read_tree(path: str | Path | None = None) -> dict[str, Any]:
+    """The raw mapping of a YAML config file ({} for none), unvalidated."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    loaded = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
+    return loaded
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     for ov in overrides:
         key, value = parse_override(ov)
-        _set_dotted(tree, key, value)
-    return from_dict(tree)
+        set_dotted(tree, key, value)
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    tree = read_tree(path)
+    if "sweep" in tree:  # a sweep file names many runs, not one
+        raise ConfigError(f"config file {str(path)!r} holds a 'sweep:' section: launch it with "
+                          f"`seqedit sweep {path}` (or remove the section to run the base config once)")
+    return from_dict(apply_overrides(tree, overrides))
 
 
 def dump_yaml(cfg: RunConfig) -> str:
