@@ -25,11 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +36,8 @@ from seqedit.analysis.detect import SpikeConfig, SpikeDetector, detect_spikes
 from seqedit.analysis.load import RunData, load_run
 from seqedit.analysis.phases import catastrophic_start, quality_curves, segments
 
-SEQEDIT = str(Path(sys.executable).with_name("seqedit"))
+from _runs_lib import SEQEDIT, run_all
+
 FACTORS = (3, 5, 10, 30, 100, 1000)
 COLLAPSE_FACTOR = 1000
 RANDOM_REL = 0.002  # ‖ΔW‖/‖W0‖ of an ordinary `random` edit: 1,000 of them drift the matrix by ~6%
@@ -67,21 +65,6 @@ def run_specs(model: str, edits: int) -> dict[str, list[str]]:
                                  "editor.spike_probability=0.01", f"editor.spike_factor={f}", "eval.immediate=false",
                                  "eval.final=false", LIGHT_PROBES if f != COLLAPSE_FACTOR else FULL_PROBES]
     return specs
-
-
-def ensure_run(label: str, args: list[str], runs_dir: Path) -> tuple[Path, float]:
-    """Run (or finish, or reuse) one configuration; its run directory and the wall seconds spent now."""
-    out = runs_dir / label
-    t0 = time.perf_counter()
-    cmd = [SEQEDIT, "run", *args, f"runs_dir={out}", "--resume", "--no-report"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{label}: seqedit run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    dirs = sorted(p for p in out.iterdir() if p.is_dir())
-    if len(dirs) != 1:
-        raise SystemExit(f"{label}: expected one run directory under {out}, found {[d.name for d in dirs]}")
-    return dirs[0], time.perf_counter() - t0
 
 
 def injected_truth(data: RunData) -> set[int]:
@@ -228,13 +211,7 @@ def main() -> None:
     specs = run_specs(args.model, args.edits)
     if args.only:
         specs = {k: v for k, v in specs.items() if k in set(args.only.split(","))}
-    args.runs_dir.mkdir(parents=True, exist_ok=True)
-    runs, seconds = {}, {}
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {label: pool.submit(ensure_run, label, spec, args.runs_dir) for label, spec in specs.items()}
-        for label, fut in futures.items():
-            runs[label], seconds[label] = fut.result()
-            print(f"{label}: {runs[label]} ({seconds[label]:.0f} s)", flush=True)
+    runs, seconds = run_all(specs, args.runs_dir, args.jobs)
     if args.only:
         return
     result = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "model": args.model,

@@ -4,6 +4,9 @@ Parts (`--parts`, default both):
   cost        seconds per edit (the editor call's wall time / batch size, from telemetry/edits.jsonl) and peak
               memory of the process, for memit / emmet / alphaedit / encore at batch sizes 1, 10, 100, 1000, with
               the immediate efficacy of the edited batches.
+  calibrate   one batch of 100 edits with unique subjects (so no two requests of the batch share a subject-last
+              key): immediate efficacy / paraphrase / neighbourhood and ‖ΔW‖/‖W0‖ for the published model-scale
+              constants against the world:small values (MEMIT λ, AlphaEdit's threshold) and 20 vs 40 z steps.
   sequential  2,000 edits in batches of 100 per editor: final efficacy / paraphrase / neighbourhood, never-edited
               control recall at the end, and the per-call seconds over the run (AlphaEdit's cache: does the cost grow?).
 
@@ -15,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-SEQEDIT = str(Path(sys.executable).with_name("seqedit"))
+from _runs_lib import read_jsonl, run_all
+
 EDITORS = ("memit", "emmet", "alphaedit", "encore")
 BATCHES = (1, 10, 100, 1000)
 # Published hyperparameters except two model-scale constants measured on world:small (100 unique-subject edits in
@@ -39,30 +39,39 @@ WORLD_OPTIONS = {
 }
 
 
-def ensure_run(label: str, args: list[str], runs_dir: Path) -> tuple[Path, float]:
-    out = runs_dir / label
-    t0 = time.perf_counter()
-    cmd = [SEQEDIT, "run", *args, f"runs_dir={out}", "--resume", "--no-report"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{label}: seqedit run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    (d,) = [p for p in out.iterdir() if p.is_dir()]
-    return d, time.perf_counter() - t0
+CALIBRATION = {
+    "memit-published": ["editor.name=memit"],
+    "memit-lambda200": ["editor.name=memit", "editor.mom2_update_weight=200"],
+    "memit-world": ["editor.name=memit", *WORLD_OPTIONS["memit"]],
+    "emmet-world": ["editor.name=emmet", *WORLD_OPTIONS["emmet"]],
+    "alphaedit-published": ["editor.name=alphaedit"],
+    "alphaedit-world": ["editor.name=alphaedit", *WORLD_OPTIONS["alphaedit"]],
+    "encore-world": ["editor.name=encore", *WORLD_OPTIONS["encore"]],
+    **{f"{e}-world-40steps": [f"editor.name={e}", *WORLD_OPTIONS[e], "editor.value.num_grad_steps=40"]
+       for e in EDITORS},
+}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def calibration_row(run: Path) -> dict:
+    (rec,) = [r for r in read_jsonl(run / "telemetry" / "edits.jsonl") if r.get("edit/status") == "applied"]
+    rel = {k.split("/")[-2]: v for k, v in rec.items() if k.startswith("weights/") and k.endswith("/drift_rel")}
+    return {**{k: rec.get(f"immediate/{k}") for k in ("efficacy", "paraphrase", "neighborhood")},
+            "update_rel": rel, "seconds": rec["edit/seconds"]}
 
 
-def specs(model: str, layers: str, parts: set[str], cost_edits: int, seq_edits: int) -> dict[str, list[str]]:
+def specs(model: str, layers: str, parts: set[str], cost_edits: int, seq_edits: int,
+          batches: tuple[int, ...] = BATCHES) -> dict[str, list[str]]:
     common = [f"model.name={model}", f"editor.layers=[{layers}]", "threads=1", "seed=0"]
     out = {}
     if "cost" in parts:
         for e in EDITORS:
-            for b in BATCHES:
+            for b in batches:
                 out[f"cost-{e}-b{b}"] = [*common, f"editor.name={e}", *WORLD_OPTIONS[e], f"batch_size={b}",
                                          f"n_edits={max(b, cost_edits)}", "eval.final=false", "probes=[]"]
+    if "calibrate" in parts:
+        one = [*common, "batch_size=100", "n_edits=100", "data.unique_subjects=true", "eval.final=false", "probes=[]"]
+        for label, opts in CALIBRATION.items():
+            out[f"cal-{label}"] = [*one, *opts]
     if "sequential" in parts:
         for e in EDITORS:
             out[f"seq-{e}"] = [*common, f"editor.name={e}", *WORLD_OPTIONS[e], "batch_size=100", f"n_edits={seq_edits}",
@@ -99,31 +108,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="world:small")
     ap.add_argument("--layers", default="0")
-    ap.add_argument("--parts", default="cost,sequential")
+    ap.add_argument("--parts", default="calibrate,cost,sequential")
     ap.add_argument("--cost-edits", type=int, default=20, help="edits of the batch-1 and batch-10 cost runs")
     ap.add_argument("--seq-edits", type=int, default=2000)
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes of the cost part")
     ap.add_argument("--runs-dir", type=Path, default=Path("bench/_runs/memit"))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated run labels to (re)run, then stop")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    todo = specs(args.model, args.layers, parts, args.cost_edits, args.seq_edits)
+    batches = tuple(int(b) for b in args.batches.split(","))
+    todo = specs(args.model, args.layers, parts, args.cost_edits, args.seq_edits, batches)
     if args.only:
         todo = {k: v for k, v in todo.items() if k in set(args.only.split(","))}
-    args.runs_dir.mkdir(parents=True, exist_ok=True)
-    runs, seconds = {}, {}
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {label: pool.submit(ensure_run, label, spec, args.runs_dir) for label, spec in todo.items()}
-        for label, fut in futures.items():
-            runs[label], seconds[label] = fut.result()
-            print(f"{label}: {runs[label]} ({seconds[label]:.0f} s)", flush=True)
+    runs, seconds = run_all(todo, args.runs_dir, args.jobs)
     if args.only:
         return
     result: dict = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "model": args.model,
                     "layers": args.layers, "run_seconds_this_call": seconds, "runs": {k: str(v) for k, v in runs.items()}}
     if "cost" in parts:
-        result["cost"] = {e: {str(b): cost_row(runs[f"cost-{e}-b{b}"], b) for b in BATCHES} for e in EDITORS}
+        result["cost"] = {e: {str(b): cost_row(runs[f"cost-{e}-b{b}"], b) for b in batches} for e in EDITORS}
+    if "calibrate" in parts:
+        result["calibration"] = {k: calibration_row(runs[f"cal-{k}"]) for k in CALIBRATION}
     if "sequential" in parts:
         result["sequential"] = {e: sequential_row(runs[f"seq-{e}"]) for e in EDITORS}
     if args.out:
@@ -135,11 +142,15 @@ def main() -> None:
 def summarise(r: dict) -> None:
     if "cost" in r:
         print(f"\nseconds per edit (peak MB, immediate efficacy), {r['model']} layers [{r['layers']}], 1 thread:")
-        print(f"{'editor':>10} " + " ".join(f"{'batch ' + str(b):>26}" for b in BATCHES))
+        print(f"{'editor':>10} " + " ".join(f"{'batch ' + b:>26}" for b in next(iter(r["cost"].values()))))
         for e, rows in r["cost"].items():
             cells = [f"{v['seconds_per_edit']:.3f} s ({v['peak_memory_mb']:.0f} MB, "
                      f"{(v['immediate_efficacy'] or 0):.2f})" for v in rows.values()]
             print(f"{e:>10} " + " ".join(f"{c:>26}" for c in cells))
+    if "calibration" in r:
+        print("\none batch of 100 unique-subject edits (immediate efficacy / paraphrase / neighbourhood, ‖ΔW‖/‖W0‖):")
+        for k, v in r["calibration"].items():
+            print(f"{k:>26}: {v['efficacy']:.2f} / {v['paraphrase']:.2f} / {v['neighborhood']:.3f}  {v['update_rel']}")
     if "sequential" in r:
         print("\n2,000 edits in batches of 100 (final = after the last edit):")
         for e, v in r["sequential"].items():

@@ -648,6 +648,66 @@ def subject_outputs(model: nn.Module, tokenizer: Any, module_name: str, requests
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What every locate-then-edit editor shares: context templates as state, statistics from the configured text
+
+
+class LocateEditor(BaseEditor):
+    """Context templates (generated once from the unedited model, saved in every snapshot so a resume reuses them)
+    and second moments from `config.stats` (or the world's held-out text); subclasses decide what to do with C."""
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._templates: tuple[str, ...] | None = None
+        self.moments: dict[int, SecondMoment] = {}  # layer → statistics used (count, cache path, build time)
+
+    def _ctx(self, model: nn.Module) -> EditorContext:
+        if self.ctx is None:
+            self.ctx = EditorContext.for_model(model)
+        return self.ctx
+
+    def check_call(self, model: nn.Module, requests: Sequence[EditRequest]) -> None:
+        if not requests:
+            raise ValueError(f"{self.name}: no requests to edit")
+        if self._ctx(model).arch != arch_for(model):
+            raise ValueError(f"{self.name}: prepared for {self.ctx.arch.name}, called with another architecture")
+
+    def templates(self, model: nn.Module, tokenizer: Any) -> tuple[str, ...]:
+        if self._templates is None:
+            cfg = self.config
+            if cfg.context_templates is not None:
+                self._templates = check_templates(cfg.context_templates)
+            else:
+                ctx = self._ctx(model)
+                self._templates = check_templates(context_templates(
+                    model, tokenizer, length_params=cfg.context_template_length_params, seed=ctx.seed,
+                    run_dir=ctx.run_dir, prefixes=getattr(cfg, "context_template_prefixes", ())))
+        return self._templates
+
+    def state_dict(self) -> dict[str, Any]:
+        """The context templates; the statistics are a cache keyed by their inputs, not state."""
+        return {"templates": list(self._templates)} if self._templates is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        unknown = set(state) - {"templates"}
+        if unknown:
+            raise ValueError(f"{self.name}: unexpected editor state keys {sorted(unknown)}")
+        if "templates" in state:
+            self._templates = check_templates(tuple(state["templates"]))
+
+    def second_moments(self, model: nn.Module, tokenizer: Any, layers: Sequence[int]) -> dict[int, SecondMoment]:
+        """Load or build C for `layers` (the missing ones in one pass over the text) and record them in `moments`.
+
+        A callable in `ctx.extras["stats_progress"]` receives (done, total) while statistics are built."""
+        ctx = self._ctx(model)
+        progress = ctx.extras.get("stats_progress") if isinstance(ctx.extras, Mapping) else None
+        sources = tuple(Path(src).expanduser() for src in self.config.stats.source) or ctx.stats_text
+        moments = layer_second_moments(model, tokenizer, ctx.arch, list(layers), sources, spec=self.config.stats,
+                                       cache_dir=ctx.cache_dir, progress=progress if callable(progress) else None)
+        self.moments.update(moments)
+        return moments
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The MEMIT family: z at the last edited layer, its residual spread over the layers in order
 
 
@@ -699,7 +759,7 @@ class LayerStep:
     diagnostics: Mapping[str, float]
 
 
-class SpreadEditor(BaseEditor):
+class SpreadEditor(LocateEditor):
     """The MEMIT loop (memit_main.execute_memit). Subclasses implement `layer_adjustment` and may keep state that
     grows with every applied call in `applied` (called by the driver after each applied call, live or replayed,
     with the model already edited, so a resumed run rebuilds exactly the same state)."""
@@ -709,8 +769,6 @@ class SpreadEditor(BaseEditor):
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        self._templates: tuple[str, ...] | None = None
-        self.moments: dict[int, SecondMoment] = {}
         self._cov: dict[int, torch.Tensor] = {}  # C + ridge per layer, on the parameter's device
 
     # -- preparation ---------------------------------------------------------------------------------------------
@@ -720,23 +778,6 @@ class SpreadEditor(BaseEditor):
         self.templates(model, tokenizer)
         if self.uses_stats:
             self.load_statistics(model, tokenizer, self.layers(model))
-
-    def _ctx(self, model: nn.Module) -> EditorContext:
-        if self.ctx is None:
-            self.ctx = EditorContext.for_model(model)
-        return self.ctx
-
-    def templates(self, model: nn.Module, tokenizer: Any) -> tuple[str, ...]:
-        if self._templates is None:
-            cfg = self.config
-            if cfg.context_templates is not None:
-                self._templates = check_templates(cfg.context_templates)
-            else:
-                ctx = self._ctx(model)
-                self._templates = check_templates(context_templates(
-                    model, tokenizer, length_params=cfg.context_template_length_params, seed=ctx.seed,
-                    run_dir=ctx.run_dir, prefixes=cfg.context_template_prefixes))
-        return self._templates
 
     def groups(self) -> tuple[int, ...]:
         cfg = self.config
@@ -749,14 +790,9 @@ class SpreadEditor(BaseEditor):
         missing = [layer for layer in layers if layer not in self.moments]
         if not missing:
             return
-        ctx = self._ctx(model)
-        progress = ctx.extras.get("stats_progress") if isinstance(ctx.extras, Mapping) else None
-        sources = tuple(Path(src).expanduser() for src in self.config.stats.source) or ctx.stats_text
-        moments = layer_second_moments(model, tokenizer, ctx.arch, missing, sources, spec=self.config.stats,
-                                       cache_dir=ctx.cache_dir, progress=progress if callable(progress) else None)
-        for layer, moment in moments.items():
-            self.moments[layer] = moment
-            device = get_module(model, ctx.arch.mlp_out(layer)).weight.device
+        arch = self._ctx(model).arch
+        for layer, moment in self.second_moments(model, tokenizer, missing).items():
+            device = get_module(model, arch.mlp_out(layer)).weight.device
             self._cov[layer] = _ridged(moment.mom2.to(device), self.config.ridge)
             self.on_statistics(layer, self._cov[layer])
 
@@ -779,18 +815,6 @@ class SpreadEditor(BaseEditor):
                              f"{n - 1} (the model has layers 0..{n - 1})")
         return layers
 
-    # -- state ---------------------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"templates": list(self._templates)} if self._templates is not None else {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unknown = set(state) - {"templates"}
-        if unknown:
-            raise ValueError(f"{self.name}: unexpected editor state keys {sorted(unknown)}")
-        if "templates" in state:
-            self._templates = check_templates(tuple(state["templates"]))
-
     # -- one call ------------------------------------------------------------------------------------------------
 
     def layer_adjustment(self, model: nn.Module, tokenizer: Any, index: int, layer: int, keys: torch.Tensor
@@ -806,12 +830,7 @@ class SpreadEditor(BaseEditor):
                              self.config.key_average)
 
     def compute(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]) -> EditProposal:
-        if not requests:
-            raise ValueError(f"{self.name}: no requests to edit")
-        if self.ctx is None:
-            self.ctx = EditorContext.for_model(model)
-        elif self.ctx.arch != arch_for(model):
-            raise ValueError(f"{self.name}: prepared for {self.ctx.arch.name}, called with another architecture")
+        self.check_call(model, requests)
         values, steps, seconds = self.compute_steps(model, tokenizer, requests)
         factors = {s.param: (s.left, s.right) for s in steps}
         deltas = {s.param: s.delta for s in steps}

@@ -16,31 +16,30 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from seqedit.apply import materialise
-from seqedit.archs import arch_for, get_module
+from seqedit.archs import get_module
 from seqedit.editors._locate import (
     COV_SOLVERS,
     CovSolver,
+    LocateEditor,
     RankOneUpdate,
     ValueConfig,
     ValueResult,
     check_templates,
-    context_templates,
     contextualise,
     make_solver,
     optimise_value,
     rank_one_update,
     subject_keys,
 )
-from seqedit.editors.base import BaseEditor, EditorContext, register_editor
+from seqedit.editors.base import EditorContext, register_editor
 from seqedit.model_state import TemporaryWeights
-from seqedit.stats import SecondMoment, StatsSpec, layer_second_moments
+from seqedit.stats import StatsSpec
 from seqedit.types import EditProposal, EditRequest
 
 KEY_MODES = ("mean", "raw")  # mean: k* / k̄ over the context templates; raw: k_raw at the bare prompt
@@ -97,16 +96,14 @@ class RomeEdit:
 
 
 @register_editor("rome")
-class RomeEditor(BaseEditor):
+class RomeEditor(LocateEditor):
     Config: ClassVar[type] = RomeConfig
     KEY_FOR_U: ClassVar[str] = "mean"  # k* (template mean) gives the direction u
     KEY_FOR_UPDATE: ClassVar[str] = "raw"  # k_raw (bare prompt) in numerator and denominator: the irregularity
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        self._templates: tuple[str, ...] | None = None
         self._solvers: dict[int, CovSolver] = {}
-        self.moments: dict[int, SecondMoment] = {}  # layer → statistics used (count, cache path, build time)
 
     # -- preparation ---------------------------------------------------------------------------------------------
 
@@ -117,34 +114,6 @@ class RomeEditor(BaseEditor):
         if self.config.mom2_adjustment:
             self.load_statistics(model, tokenizer, self.layers(model))
 
-    def _ctx(self, model: nn.Module) -> EditorContext:
-        if self.ctx is None:
-            self.ctx = EditorContext.for_model(model)
-        return self.ctx
-
-    def templates(self, model: nn.Module, tokenizer: Any) -> tuple[str, ...]:
-        if self._templates is None:
-            if self.config.context_templates is not None:
-                self._templates = check_templates(self.config.context_templates)
-            else:
-                ctx = self._ctx(model)
-                self._templates = check_templates(context_templates(
-                    model, tokenizer, length_params=self.config.context_template_length_params, seed=ctx.seed,
-                    run_dir=ctx.run_dir))
-        return self._templates
-
-    def state_dict(self) -> dict[str, Any]:
-        """The context templates (generated from the unedited model once; a resume must reuse them, not sample new
-        ones from edited weights). The statistics are a cache keyed by their inputs, not state."""
-        return {"templates": list(self._templates)} if self._templates is not None else {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unknown = set(state) - {"templates"}
-        if unknown:
-            raise ValueError(f"{self.name}: unexpected editor state keys {sorted(unknown)}")
-        if "templates" in state:
-            self._templates = check_templates(tuple(state["templates"]))
-
     def load_statistics(self, model: nn.Module, tokenizer: Any, layers: Sequence[int]) -> None:
         """Load or build C for the layers that have no solver yet (missing ones in one pass over the text).
 
@@ -152,17 +121,11 @@ class RomeEditor(BaseEditor):
         missing = [layer for layer in layers if layer not in self._solvers]
         if not missing:
             return
-        ctx = self._ctx(model)
-        progress = ctx.extras.get("stats_progress") if isinstance(ctx.extras, Mapping) else None
-        sources = tuple(Path(src).expanduser() for src in self.config.stats.source) or ctx.stats_text
-        moments = layer_second_moments(
-            model, tokenizer, ctx.arch, missing, sources, spec=self.config.stats,
-            cache_dir=ctx.cache_dir, progress=progress if callable(progress) else None)
-        for layer, moment in moments.items():
-            device = get_module(model, ctx.arch.mlp_out(layer)).weight.device
+        arch = self._ctx(model).arch
+        for layer, moment in self.second_moments(model, tokenizer, missing).items():
+            device = get_module(model, arch.mlp_out(layer)).weight.device
             self._solvers[layer] = make_solver(moment.mom2, method=self.config.solver, ridge=self.config.ridge,
                                                device=device)
-            self.moments[layer] = moment
 
     def solver(self, model: nn.Module, tokenizer: Any, layer: int) -> CovSolver:
         self.load_statistics(model, tokenizer, [layer])
@@ -204,12 +167,7 @@ class RomeEditor(BaseEditor):
     # -- the contract --------------------------------------------------------------------------------------------
 
     def compute(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]) -> EditProposal:
-        if not requests:
-            raise ValueError(f"{self.name}: no requests to edit")
-        if self.ctx is None:
-            self.ctx = EditorContext.for_model(model)
-        elif self.ctx.arch != arch_for(model):
-            raise ValueError(f"{self.name}: prepared for {self.ctx.arch.name}, called with another architecture")
+        self.check_call(model, requests)
         edits = self.compute_edits(model, tokenizer, requests)
         lefts: dict[str, list[torch.Tensor]] = {}
         rights: dict[str, list[torch.Tensor]] = {}

@@ -10,7 +10,7 @@ A grid can also live in the config file, beside the run's own keys:
     sweep:
       grid:
         seed: [0, 1]
-        editor: [{name: rome, v_num_grad_steps: 5}, {name: ft, num_steps: 3}]   # whole sections are values too
+        editor: [{name: rome, value: {num_grad_steps: 5}}, {name: ft, num_steps: 3}]   # whole sections are values too
       executor: {kind: slurm, partition: gpu, time_min: 240, gpus: 1, cpus: 8, mem_gb: 64}
 
 Every point of the grid is built and preflighted (unknown keys with a did-you-mean, wrong values named) before
