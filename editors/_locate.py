@@ -209,6 +209,9 @@ class ValueConfig:
     # 0 = off (ROME, MEMIT, EMMET, AlphaEdit).
     prob_cutoff: float = 0.0
     kl_prompts: tuple[str, ...] = ("{} is a",)
+    # Requests whose z is optimised together in one forward pass (the MEMIT family): memory, not results, depends
+    # on it (each request follows its own trajectory); 10,000-request EMMET batches run in chunks of this size.
+    batch_requests: int = 128
 
     def __post_init__(self) -> None:
         if self.num_grad_steps < 1:
@@ -222,6 +225,8 @@ class ValueConfig:
             raise ValueError(f"value.prob_cutoff < 0 counts steps and must be a whole number, got {self.prob_cutoff}")
         if self.prob_cutoff >= 1:
             raise ValueError(f"value.prob_cutoff > 0 is a probability and must be < 1, got {self.prob_cutoff}")
+        if self.batch_requests < 1:
+            raise ValueError(f"value.batch_requests must be >= 1, got {self.batch_requests}")
         for p in self.kl_prompts:
             if p.count("{}") != 1:
                 raise ValueError(f"value.kl_prompts: {p!r} must contain '{{}}' exactly once")
@@ -845,7 +850,10 @@ class SpreadEditor(LocateEditor):
         top = arch.layer(layers[-1])
         templates = self.templates(model, tokenizer)
         t0 = time.perf_counter()
-        values = optimise_values(model, tokenizer, arch, requests, top, templates, self.config.value)
+        chunk = self.config.value.batch_requests
+        values = [v for i in range(0, len(requests), chunk)
+                  for v in optimise_values(model, tokenizer, arch, requests[i:i + chunk], top, templates,
+                                           self.config.value)]
         zs = torch.stack([v.target for v in values])  # [n, d_model] float32
         t1 = time.perf_counter()
         steps: list[LayerStep] = []
