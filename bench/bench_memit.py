@@ -52,6 +52,12 @@ CALIBRATION = {
 }
 
 
+def finished(out: Path) -> bool:
+    dirs = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
+    return len(dirs) == 1 and (dirs[0] / "summary.json").is_file() and \
+        json.loads((dirs[0] / "summary.json").read_text()).get("status") == "finished"
+
+
 def calibration_row(run: Path) -> dict:
     (rec,) = [r for r in read_jsonl(run / "telemetry" / "edits.jsonl") if r.get("edit/status") == "applied"]
     rel = {k.split("/")[-2]: v for k, v in rec.items() if k.startswith("weights/") and k.endswith("/drift_rel")}
@@ -115,6 +121,8 @@ def main() -> None:
     ap.add_argument("--runs-dir", type=Path, default=Path("bench/_runs/memit"))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated run labels to (re)run, then stop")
+    ap.add_argument("--reuse-only", action="store_true",
+                    help="read the finished runs only; configurations without one are listed as not run")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -122,13 +130,21 @@ def main() -> None:
     todo = specs(args.model, args.layers, parts, args.cost_edits, args.seq_edits, batches)
     if args.only:
         todo = {k: v for k, v in todo.items() if k in set(args.only.split(","))}
-    runs, seconds = run_all(todo, args.runs_dir, args.jobs)
+    not_run: list[str] = []
+    if args.reuse_only:  # read what is there (a config default added since would otherwise start a new run)
+        not_run = [k for k in todo if not finished(args.runs_dir / k)]
+        runs = {k: next(p for p in (args.runs_dir / k).iterdir() if p.is_dir()) for k in todo if k not in not_run}
+        seconds: dict[str, float] = {}
+    else:
+        runs, seconds = run_all(todo, args.runs_dir, args.jobs)
     if args.only:
         return
     result: dict = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "model": args.model,
-                    "layers": args.layers, "run_seconds_this_call": seconds, "runs": {k: str(v) for k, v in runs.items()}}
+                    "layers": args.layers, "run_seconds_this_call": seconds, "runs": {k: str(v) for k, v in runs.items()},
+                    "not_run": not_run}
     if "cost" in parts:
-        result["cost"] = {e: {str(b): cost_row(runs[f"cost-{e}-b{b}"], b) for b in batches} for e in EDITORS}
+        result["cost"] = {e: {str(b): (cost_row(runs[f"cost-{e}-b{b}"], b) if f"cost-{e}-b{b}" in runs else None)
+                              for b in batches} for e in EDITORS}
     if "calibrate" in parts:
         result["calibration"] = {k: calibration_row(runs[f"cal-{k}"]) for k in CALIBRATION}
     if "sequential" in parts:
@@ -145,7 +161,7 @@ def summarise(r: dict) -> None:
         print(f"{'editor':>10} " + " ".join(f"{'batch ' + b:>26}" for b in next(iter(r["cost"].values()))))
         for e, rows in r["cost"].items():
             cells = [f"{v['seconds_per_edit']:.3f} s ({v['peak_memory_mb']:.0f} MB, "
-                     f"{(v['immediate_efficacy'] or 0):.2f})" for v in rows.values()]
+                     f"{(v['immediate_efficacy'] or 0):.2f})" if v else "not run" for v in rows.values()]
             print(f"{e:>10} " + " ".join(f"{c:>26}" for c in cells))
     if "calibration" in r:
         print("\none batch of 100 unique-subject edits (immediate efficacy / paraphrase / neighbourhood, ‖ΔW‖/‖W0‖):")
