@@ -149,9 +149,9 @@ def test_sigkill_then_resume_is_bit_identical_gpt2(assets, gpt2_reference, tmp_p
     kill_and_resume(gpt2_args(assets, tmp_path, editor), spec, gpt2_reference[editor], tmp_path)
 
 
-@pytest.mark.parametrize("editor,spec", [("rome", "compute:4"), ("r-rome", "probe:3"),
-                                         pytest.param("alphaedit", "compute:4", marks=pytest.mark.slow),
-                                         ("encore", "commit:2")])
+@pytest.mark.parametrize("editor,spec", [
+    ("rome", "compute:4"), pytest.param("r-rome", "probe:3", marks=pytest.mark.slow),
+    pytest.param("alphaedit", "compute:4", marks=pytest.mark.slow), ("encore", "commit:2")])
 def test_sigkill_then_resume_is_bit_identical_rome(world_reference, tmp_path, editor, spec):
     cache, refs = world_reference
     kill_and_resume(world_args(cache, tmp_path, editor, *BATCHED.get(editor, ())), spec, refs[editor], tmp_path)
