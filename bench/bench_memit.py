@@ -146,9 +146,10 @@ def main() -> None:
         result["cost"] = {e: {str(b): (cost_row(runs[f"cost-{e}-b{b}"], b) if f"cost-{e}-b{b}" in runs else None)
                               for b in batches} for e in EDITORS}
     if "calibrate" in parts:
-        result["calibration"] = {k: calibration_row(runs[f"cal-{k}"]) for k in CALIBRATION}
+        result["calibration"] = {k: calibration_row(runs[f"cal-{k}"]) if f"cal-{k}" in runs else None
+                                 for k in CALIBRATION}
     if "sequential" in parts:
-        result["sequential"] = {e: sequential_row(runs[f"seq-{e}"]) for e in EDITORS}
+        result["sequential"] = {e: sequential_row(runs[f"seq-{e}"]) if f"seq-{e}" in runs else None for e in EDITORS}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -166,10 +167,16 @@ def summarise(r: dict) -> None:
     if "calibration" in r:
         print("\none batch of 100 unique-subject edits (immediate efficacy / paraphrase / neighbourhood, ‖ΔW‖/‖W0‖):")
         for k, v in r["calibration"].items():
+            if v is None:
+                print(f"{k:>26}: not run")
+                continue
             print(f"{k:>26}: {v['efficacy']:.2f} / {v['paraphrase']:.2f} / {v['neighborhood']:.3f}  {v['update_rel']}")
     if "sequential" in r:
         print("\n2,000 edits in batches of 100 (final = after the last edit):")
         for e, v in r["sequential"].items():
+            if v is None:
+                print(f"{e:>10}: not run")
+                continue
             print(f"{e:>10}: final efficacy {v['final/efficacy']} paraphrase {v['final/paraphrase']} "
                   f"neighbourhood {v['final/neighborhood']}; control recall {v['control_recall']}; "
                   f"per-call s first/last {v['seconds_per_call'][:1]} / {v['seconds_per_call'][-1:]}")

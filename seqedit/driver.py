@@ -255,7 +255,12 @@ def read_summary(run_dir: Path) -> RunSummary:
 def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: Path | None = None) -> RunSummary:
     """Run `cfg` in a new run directory, or continue the run in `run_dir` (whose config hash must equal cfg's;
     `seqedit resume` and `seqedit run --resume` check the differing keys by name first)."""
-    say = progress or (lambda msg: None)
+    def say(msg: str) -> None:
+        try:
+            if progress is not None:
+                progress(msg)
+        except OSError:  # a closed terminal or pipe (the launching process died) must not fail hours of editing
+            pass
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     if cfg.threads is not None:

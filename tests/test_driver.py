@@ -287,3 +287,15 @@ def test_identical_runs_started_together_each_get_a_directory(assets, tmp_path):
     with ThreadPoolExecutor(8) as pool:
         dirs = list(pool.map(lambda _: make_run_dir(cfg), range(8)))
     assert len(set(dirs)) == 8 and all(d.is_dir() for d in dirs)
+
+
+def test_a_closed_progress_stream_does_not_fail_the_run(assets, tmp_path):
+    """The launching process died (its pipe is gone): progress lines raise BrokenPipeError, the run still finishes."""
+    lines = []
+
+    def broken(msg: str) -> None:
+        lines.append(msg)
+        raise BrokenPipeError(32, "Broken pipe")
+
+    summary = run(config(assets, tmp_path), progress=broken)
+    assert summary.status == "finished" and len(lines) > 3
