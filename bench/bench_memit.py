@@ -103,10 +103,13 @@ def sequential_row(run: Path) -> dict:
     probes = read_jsonl(run / "telemetry" / "probes.jsonl")
     control = [(p["edit/index"], p.get("probe/unedited/recall")) for p in probes if p.get("probe/name") == "unedited"]
     calls = [round(r["edit/seconds"], 2) for r in edits]
+    name = json.loads((run / "summary.json").read_text()).get("run_id", "")
+    editor = next((k.split("/")[1] for k in edits[0] if k.startswith("editor/") and k.endswith("/seconds_update")), "")
+    solve = [round(r.get(f"editor/{editor}/seconds_update", float("nan")), 2) for r in edits]
     return {"status": summary["status"], "edits": summary.get("n_edits"),
             **{k: m.get(k) for k in ("immediate/efficacy", "immediate/paraphrase", "immediate/neighborhood",
                                      "final/efficacy", "final/paraphrase", "final/neighborhood")},
-            "control_recall": control, "seconds_per_call": calls,
+            "control_recall": control, "seconds_per_call": calls, "solve_seconds_per_call": solve, "run_id": name,
             "peak_memory_mb": max(r.get("system/peak_memory_mb", 0.0) for r in edits)}
 
 
