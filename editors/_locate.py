@@ -771,10 +771,15 @@ class SpreadEditor(LocateEditor):
 
     Config: ClassVar[type] = SpreadConfig
     uses_stats: ClassVar[bool] = True
+    # Editors that preserve the keys of earlier calls (AlphaEdit's cache_c, ENCORE's SEQ_CACHE) set the dtype of
+    # key_cache[layer] = Σ K_p K_pᵀ over applied calls, kept on the CPU as the published code keeps it.
+    KEY_CACHE_DTYPE: ClassVar[torch.dtype | None] = None
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         self._cov: dict[int, torch.Tensor] = {}  # C + ridge per layer, on the parameter's device
+        self.key_cache: dict[int, torch.Tensor] = {}  # layer → Σ K_p K_pᵀ [d_in, d_in]
+        self.key_count: dict[int, int] = {}  # layer → requests whose keys are in key_cache
 
     # -- preparation ---------------------------------------------------------------------------------------------
 
@@ -819,6 +824,36 @@ class SpreadEditor(LocateEditor):
                              f"last block: nothing above it carries δ to the target positions; use layers below "
                              f"{n - 1} (the model has layers 0..{n - 1})")
         return layers
+
+    # -- state: the keys of earlier calls ------------------------------------------------------------------------
+
+    def applied(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
+                added: Mapping[str, torch.Tensor]) -> None:
+        """Add the applied call's keys, recomputed on the edited model, to key_cache (the keys of layer l depend
+        only on the layers below it, so they are the keys the published code stores mid-call)."""
+        if self.KEY_CACHE_DTYPE is None:
+            return
+        for layer in sorted(self.layers(model)):
+            k = self.request_keys(model, tokenizer, layer, requests).T.to(self.KEY_CACHE_DTYPE)  # [d_in, n]
+            kk = (k @ k.T).cpu()
+            self.key_cache[layer] = self.key_cache[layer] + kk if layer in self.key_cache else kk
+            self.key_count[layer] = self.key_count.get(layer, 0) + len(requests)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.KEY_CACHE_DTYPE is not None:
+            state["key_cache"] = {str(k): v for k, v in self.key_cache.items()}
+            state["key_count"] = {str(k): v for k, v in self.key_count.items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        cache, count = state.pop("key_cache", {}), state.pop("key_count", {})
+        super().load_state_dict(state)
+        if (cache or count) and self.KEY_CACHE_DTYPE is None:
+            raise ValueError(f"{self.name}: unexpected editor state keys ['key_cache', 'key_count']")
+        self.key_cache = {int(k): v.to(self.KEY_CACHE_DTYPE) for k, v in cache.items()}
+        self.key_count = {int(k): int(v) for k, v in count.items()}
 
     # -- one call ------------------------------------------------------------------------------------------------
 

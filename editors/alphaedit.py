@@ -15,7 +15,6 @@ Stats keys as `memit`, under `alphaedit/`, plus per layer: null_dim (columns of 
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,7 +23,6 @@ from torch import nn
 
 from seqedit.editors._locate import SpreadConfig, SpreadEditor, solve_system
 from seqedit.editors.base import register_editor
-from seqedit.types import EditRequest
 
 ALPHAEDIT_SOLVERS = ("solve", "lstsq")  # the system matrix P(KKᵀ + C_p) + αI is not symmetric
 
@@ -56,12 +54,12 @@ def null_space_projector(mom2: torch.Tensor, threshold: float) -> torch.Tensor:
 class AlphaEditEditor(SpreadEditor):
     Config: ClassVar[type] = AlphaEditConfig
 
+    KEY_CACHE_DTYPE: ClassVar[torch.dtype | None] = torch.float32  # C_p = Σ K_p K_pᵀ, float32 as published
+
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
         self.projectors: dict[int, torch.Tensor] = {}  # layer → P [d_in, d_in] float32
         self.null_dim: dict[int, int] = {}
-        self.cache: dict[int, torch.Tensor] = {}  # layer → C_p = Σ K_p K_pᵀ [d_in, d_in] float32
-        self.cache_count: dict[int, int] = {}
 
     def on_statistics(self, layer: int, mom2: torch.Tensor) -> None:
         p = null_space_projector(mom2, self.config.nullspace_threshold)
@@ -78,30 +76,9 @@ class AlphaEditEditor(SpreadEditor):
         p = self.projector(model, tokenizer, layer).to(dtype)
         k = keys.T.to(device=p.device, dtype=dtype)  # [d_in, n]
         kk = k @ k.T
-        if layer in self.cache:
-            kk = kk + self.cache[layer].to(device=p.device, dtype=dtype)
+        if layer in self.key_cache:
+            kk = kk + self.key_cache[layer].to(device=p.device, dtype=dtype)
         a = p @ kk + self.config.L2 * torch.eye(p.shape[0], dtype=dtype, device=p.device)
         adj, diag = solve_system(a, p @ k, self.config.solver, self.config.solve_dtype, symmetric=False)
         return adj, {**diag, "null_dim": float(self.null_dim[layer]),
-                     "prev_keys": float(self.cache_count.get(layer, 0))}
-
-    def applied(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
-                added: Mapping[str, torch.Tensor]) -> None:
-        for layer in sorted(self.layers(model)):
-            k = self.request_keys(model, tokenizer, layer, requests).T.float().cpu()  # [d_in, n]
-            kk = k @ k.T
-            self.cache[layer] = self.cache[layer] + kk if layer in self.cache else kk
-            self.cache_count[layer] = self.cache_count.get(layer, 0) + len(requests)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["cache"] = {str(k): v for k, v in self.cache.items()}
-        state["cache_count"] = {str(k): v for k, v in self.cache_count.items()}
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        state = dict(state)
-        cache, count = state.pop("cache", {}), state.pop("cache_count", {})
-        super().load_state_dict(state)
-        self.cache = {int(k): v.float() for k, v in cache.items()}
-        self.cache_count = {int(k): int(v) for k, v in count.items()}
+                     "prev_keys": float(self.key_count.get(layer, 0))}

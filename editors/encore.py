@@ -11,7 +11,6 @@ Stats keys as `memit`, under `encore/`, plus `encore/l<layer>/prev_keys` (keys a
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,7 +20,6 @@ from torch import nn
 from seqedit.editors._locate import ValueConfig
 from seqedit.editors.base import register_editor
 from seqedit.editors.memit import MemitConfig, MemitEditor
-from seqedit.types import EditRequest
 
 
 @dataclass(frozen=True)
@@ -40,41 +38,16 @@ class EncoreConfig(MemitConfig):
 class EncoreEditor(MemitEditor):
     Config: ClassVar[type] = EncoreConfig
 
-    def __init__(self, config: Any = None) -> None:
-        super().__init__(config)
-        self.prev: dict[int, torch.Tensor] = {}  # layer → Σ K_p K_pᵀ [d_in, d_in] float64
-        self.prev_count: dict[int, int] = {}
+    KEY_CACHE_DTYPE: ClassVar[torch.dtype | None] = torch.float64  # SEQ_CACHE: Σ K_p K_pᵀ of the float64 keys
 
     def system(self, model: nn.Module, tokenizer: Any, layer: int, k: torch.Tensor) -> torch.Tensor:
         a = super().system(model, tokenizer, layer, k)
         if self.config.update_norm_lambda:
             a = a + self.config.update_norm_lambda * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-        if self.config.add_prev_edits and layer in self.prev:
-            a = a + self.prev[layer].to(device=a.device, dtype=a.dtype)
+        if self.config.add_prev_edits and layer in self.key_cache:
+            a = a + self.key_cache[layer].to(device=a.device, dtype=a.dtype)
         return a
 
     def layer_adjustment(self, model, tokenizer, index, layer, keys):
         adj, diag = super().layer_adjustment(model, tokenizer, index, layer, keys)
-        return adj, {**diag, "prev_keys": float(self.prev_count.get(layer, 0))}
-
-    def applied(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest],
-                added: Mapping[str, torch.Tensor]) -> None:
-        for layer in sorted(self.layers(model)):
-            k = self.request_keys(model, tokenizer, layer, requests).T.double()  # [d_in, n]
-            kk = (k @ k.T).cpu()
-            self.prev[layer] = self.prev[layer] + kk if layer in self.prev else kk
-            self.prev_count[layer] = self.prev_count.get(layer, 0) + len(requests)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["prev"] = {str(k): v for k, v in self.prev.items()}
-        state["prev_count"] = {str(k): v for k, v in self.prev_count.items()}
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        state = dict(state)
-        prev, count = state.pop("prev", {}), state.pop("prev_count", {})
-        super().load_state_dict(state)
-        self.prev = {int(k): v.double() for k, v in prev.items()}
-        self.prev_count = {int(k): int(v) for k, v in count.items()}
-
+        return adj, {**diag, "prev_keys": float(self.key_count.get(layer, 0))}

@@ -203,12 +203,12 @@ def test_alphaedit_cache_grows_round_trips_and_changes_the_next_delta(tok, text,
     editor = editor_for("alphaedit", model, tok, text, tmp_path, layers=[1])
     first = requests()[:2]
     prop = editor.compute(model, tok, first)
-    assert editor.cache == {}  # compute leaves the state alone
+    assert editor.key_cache == {}  # compute leaves the state alone
     applied = apply_proposal(model, prop, editor.params(model))
     editor.applied(model, tok, first, applied.added)
     k = editor.request_keys(model, tok, 1, first).T  # keys on the edited model, as the original recomputes them
-    torch.testing.assert_close(editor.cache[1], k @ k.T)
-    assert editor.cache_count == {1: 2}
+    torch.testing.assert_close(editor.key_cache[1], k @ k.T)
+    assert editor.key_count == {1: 2}
     buf = io.BytesIO()
     torch.save(editor.state_dict(), buf)
     buf.seek(0)
@@ -281,7 +281,7 @@ def test_encore_preserves_earlier_keys_and_penalises_the_norm(tok, text, tmp_pat
     applied = apply_proposal(model, encore.compute(model, tok, first), encore.params(model))
     encore.applied(model, tok, first, applied.added)
     k = encore.request_keys(model, tok, 1, first).T.double()
-    torch.testing.assert_close(encore.prev[1], k @ k.T)
+    torch.testing.assert_close(encore.key_cache[1], k @ k.T)
     kn = encore.request_keys(model, tok, 1, more_requests()).T.double()
     a = encore.system(model, tok, 1, kn)
     c = encore.moments[1].mom2.double()
