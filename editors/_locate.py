@@ -375,22 +375,26 @@ def optimise_values(
             kl = cfg.kl_factor * kl_el.sum(1) / n_kl  # [n]
             wd = cfg.weight_decay * (delta.norm(dim=1) / v0.norm(dim=1) ** 2)  # [n]
             loss = nll + kl + wd  # [n]
-            loss_d = loss.detach()
+            # one device-to-host transfer per quantity and step, not one per request
+            loss_l, nll_l, kl_l = loss.detach().tolist(), nll.detach().tolist(), kl.detach().tolist()
             with torch.no_grad():
-                top = logits[t_rows, t_pos].argmax(-1) == t_tok if cfg.prob_cutoff < 0 else None
-                prob = torch.exp(per_prompt.detach()).mean(1) if cfg.prob_cutoff > 0 else None
+                all_top = prob = None
+                if cfg.prob_cutoff < 0:  # ENCORE MPES: the first (bare) rewriting prompt is left out, as published
+                    wrong = ((logits[t_rows, t_pos].argmax(-1) != t_tok) & mpes_mask).float()
+                    all_top = (torch.zeros(n_req, device=device).index_add(0, t_req, wrong) == 0).tolist()
+                elif cfg.prob_cutoff > 0:
+                    prob = torch.exp(per_prompt.detach()).mean(1).tolist()
             for i in range(n_req):
                 if not active[i]:
                     continue
-                losses[i].append(float(loss_d[i]))
-                nll_v[i], kl_v[i] = float(nll[i].detach()), float(kl[i].detach())
-                if top is not None:  # ENCORE MPES: the first (bare) rewriting prompt is left out, as published
-                    if bool(top[(t_req == i) & mpes_mask].all()):
-                        mpes_hits[i] += 1
+                losses[i].append(loss_l[i])
+                nll_v[i], kl_v[i] = nll_l[i], kl_l[i]
+                if all_top is not None:
+                    mpes_hits[i] += int(all_top[i])
                     if mpes_hits[i] == abs(int(cfg.prob_cutoff)):
                         stopped_by[i], active[i] = "mpes", False
                         continue
-                if prob is not None and float(prob[i]) > cfg.prob_cutoff:
+                if prob is not None and prob[i] > cfg.prob_cutoff:
                     stopped_by[i], active[i] = "mpes", False
                     continue
                 if losses[i][-1] < cfg.early_stop_loss:
