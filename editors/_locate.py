@@ -669,6 +669,21 @@ class LocateEditor(BaseEditor):
         self._templates: tuple[str, ...] | None = None
         self.moments: dict[int, SecondMoment] = {}  # layer → statistics used (count, cache path, build time)
 
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether the update uses C (ROME with mom2_adjustment=false does not): preflight checks the text then."""
+        return True
+
+    def prepare(self, model: nn.Module, tokenizer: Any, ctx: EditorContext) -> None:
+        """Generate (or reload) the context templates and load (or build) C for every layer, on the unedited model."""
+        super().prepare(model, tokenizer, ctx)
+        self.templates(model, tokenizer)
+        if self.needs_statistics:
+            self.load_statistics(model, tokenizer, self.layers(model))
+
+    def load_statistics(self, model: nn.Module, tokenizer: Any, layers: Sequence[int]) -> None:
+        raise NotImplementedError
+
     def _ctx(self, model: nn.Module) -> EditorContext:
         if self.ctx is None:
             self.ctx = EditorContext.for_model(model)
@@ -774,7 +789,6 @@ class SpreadEditor(LocateEditor):
     with the model already edited, so a resumed run rebuilds exactly the same state)."""
 
     Config: ClassVar[type] = SpreadConfig
-    uses_stats: ClassVar[bool] = True
     # Editors that preserve the keys of earlier calls (AlphaEdit's cache_c, ENCORE's SEQ_CACHE) set the dtype of
     # key_cache[layer] = Σ K_p K_pᵀ over applied calls, kept on the CPU as the published code keeps it.
     KEY_CACHE_DTYPE: ClassVar[torch.dtype | None] = None
@@ -786,12 +800,6 @@ class SpreadEditor(LocateEditor):
         self.key_count: dict[int, int] = {}  # layer → requests whose keys are in key_cache
 
     # -- preparation ---------------------------------------------------------------------------------------------
-
-    def prepare(self, model: nn.Module, tokenizer: Any, ctx: EditorContext) -> None:
-        super().prepare(model, tokenizer, ctx)
-        self.templates(model, tokenizer)
-        if self.uses_stats:
-            self.load_statistics(model, tokenizer, self.layers(model))
 
     def groups(self) -> tuple[int, ...]:
         cfg = self.config

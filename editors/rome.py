@@ -37,7 +37,7 @@ from seqedit.editors._locate import (
     rank_one_update,
     subject_keys,
 )
-from seqedit.editors.base import EditorContext, register_editor
+from seqedit.editors.base import register_editor
 from seqedit.model_state import TemporaryWeights
 from seqedit.stats import StatsSpec
 from seqedit.types import EditProposal, EditRequest
@@ -107,12 +107,9 @@ class RomeEditor(LocateEditor):
 
     # -- preparation ---------------------------------------------------------------------------------------------
 
-    def prepare(self, model: nn.Module, tokenizer: Any, ctx: EditorContext) -> None:
-        """Generate (or reload) the context templates and load (or build) C for every layer, on the unedited model."""
-        super().prepare(model, tokenizer, ctx)
-        self.templates(model, tokenizer)
-        if self.config.mom2_adjustment:
-            self.load_statistics(model, tokenizer, self.layers(model))
+    @property
+    def needs_statistics(self) -> bool:
+        return self.config.mom2_adjustment
 
     def load_statistics(self, model: nn.Module, tokenizer: Any, layers: Sequence[int]) -> None:
         """Load or build C for the layers that have no solver yet (missing ones in one pass over the text).

@@ -123,7 +123,7 @@ def _check_editor_stats(cfg: RunConfig, is_world: bool) -> None:
 
     editor = make_editor(cfg.editor.name, cfg.editor.options)
     stats = getattr(editor.config, "stats", None)
-    if stats is None or not getattr(editor.config, "mom2_adjustment", True):
+    if stats is None or not getattr(editor, "needs_statistics", True):
         return
     if stats.source:
         try:
