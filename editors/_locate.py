@@ -469,12 +469,12 @@ class CovSolver:
     condition: float  # of the matrix actually inverted
 
     def solve(self, k: torch.Tensor) -> torch.Tensor:
-        """k: [d] or [d, n] → same shape, float64 (computed in float32 for method=inverse)."""
+        """k: [d] or [d, n] → same shape, float64 (computed in the inverse's dtype for method=inverse)."""
         k2 = k.reshape(k.shape[0], -1).to(self.matrix.device)
         if self.method == "cholesky":
             x = torch.cholesky_solve(k2.double(), self.matrix)
         elif self.method == "inverse":
-            x = (self.matrix @ k2.float()).double()
+            x = (self.matrix @ k2.to(self.matrix.dtype)).double()
         else:
             x = self.matrix @ k2.double()
         return x.reshape(k.shape)
@@ -484,8 +484,11 @@ _SINGULAR_PIVOT = 1e-10  # a Cholesky pivot² below this fraction of the mean ei
 
 
 def make_solver(mom2: torch.Tensor, *, method: str = "inverse", ridge: float = 0.0, rtol: float | None = None,
-                device: torch.device | str | None = None) -> CovSolver:
-    """Prepare x = (C + ridge·(tr C/d)·I)⁻¹ k for `method` (see `CovSolver`). Never regularises on its own."""
+                device: torch.device | str | None = None, inverse_dtype: torch.dtype = torch.float32) -> CovSolver:
+    """Prepare x = (C + ridge·(tr C/d)·I)⁻¹ k for `method` (see `CovSolver`). Never regularises on its own.
+
+    method=inverse inverts in C's own dtype and keeps the inverse in `inverse_dtype`: float32 for ROME
+    (`get_inv_cov(...).float()`), float64 for EMMET (`torch.inverse(cov.double())`)."""
     if method not in COV_SOLVERS:
         raise ValueError(f"solver {method!r} is not allowed; allowed: {', '.join(COV_SOLVERS)}")
     if ridge < 0:
@@ -503,7 +506,7 @@ def make_solver(mom2: torch.Tensor, *, method: str = "inverse", ridge: float = 0
                 f"second moment (d={d}) is exactly singular: the published float32 inverse fails (condition number "
                 f"{cond:.3g}); choose solver=pinv, solver=cholesky with ridge > 0 (e.g. ridge=1e-2), or more "
                 "statistics text")
-        return CovSolver(method, inv.float(), ridge, cond)
+        return CovSolver(method, inv.to(inverse_dtype), ridge, cond)
     c64 = c.double()
     if method == "cholesky":
         scale = float(torch.trace(c64)) / d

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from seqedit.editors._locate import COV_SOLVERS, EditorError, SpreadConfig, SpreadEditor, condition_number
+from seqedit.editors._locate import COV_SOLVERS, CovSolver, SpreadConfig, SpreadEditor, condition_number, make_solver
 from seqedit.editors.base import register_editor
 
 
@@ -44,37 +44,26 @@ class EmmetEditor(SpreadEditor):
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
-        self._c_inv: dict[int, tuple[torch.Tensor, float]] = {}  # layer → (C̃⁻¹ float64, condition of C̃)
+        self._c_inv: dict[int, tuple[CovSolver, float]] = {}  # layer → (C̃⁻¹ as a solver, ‖C̃⁻¹‖_F)
 
-    def c_inverse(self, model: nn.Module, tokenizer: Any, layer: int) -> tuple[torch.Tensor, float]:
-        """C̃⁻¹ [d_in, d_in] float64 (fixed for the run: C is never refreshed), computed once per layer."""
+    def c_inverse(self, model: nn.Module, tokenizer: Any, layer: int) -> tuple[CovSolver, float]:
+        """C̃⁻¹ (fixed for the run: C is never refreshed), prepared once per layer: float64 `torch.inverse` as
+        published, or the configured cholesky / pinv; an exactly singular C̃ is an error naming the fixes."""
         if layer not in self._c_inv:
             cfg = self.config
             c = cfg.mom2_update_weight * self.covariance(model, tokenizer, layer).double()
             if cfg.update_norm_lambda:
                 c = c + cfg.update_norm_lambda * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-            cond = condition_number(c)
-            if cfg.solver == "inverse":
-                inv, info = torch.linalg.inv_ex(c)
-                if int(info) != 0:
-                    raise EditorError(f"emmet: λC + μI of layer {layer} is exactly singular (condition number "
-                                      f"{cond:.3g}); set update_norm_lambda > 0, ridge > 0 or solver=pinv")
-            elif cfg.solver == "cholesky":
-                chol, info = torch.linalg.cholesky_ex(c)
-                if int(info) != 0:
-                    raise EditorError(f"emmet: λC + μI of layer {layer} is not positive definite (condition number "
-                                      f"{cond:.3g}); set update_norm_lambda > 0, ridge > 0 or solver=pinv")
-                inv = torch.cholesky_inverse(chol)
-            else:
-                inv = torch.linalg.pinv(c, hermitian=True)
-            self._c_inv[layer] = (inv, cond)
+            solver = make_solver(c, method=cfg.solver, inverse_dtype=torch.float64)
+            inv = torch.cholesky_inverse(solver.matrix) if solver.method == "cholesky" else solver.matrix
+            self._c_inv[layer] = (solver, float(inv.norm()))
         return self._c_inv[layer]
 
     def layer_adjustment(self, model: nn.Module, tokenizer: Any, index: int, layer: int, keys: torch.Tensor
                          ) -> tuple[torch.Tensor, dict[str, float]]:
-        c_inv, c_cond = self.c_inverse(model, tokenizer, layer)
-        k = keys.T.to(device=c_inv.device, dtype=torch.float64)  # [d_in, n]
-        ck = c_inv @ k  # [d_in, n]
+        c_inv, c_inv_norm = self.c_inverse(model, tokenizer, layer)
+        k = keys.T.to(device=c_inv.matrix.device, dtype=torch.float64)  # [d_in, n]
+        ck = c_inv.solve(k)  # C̃⁻¹K [d_in, n]
         d = k.T @ ck  # [n, n]
         if d.shape[0] > 1:
             d = d + self.config.emmet_lambda * torch.eye(d.shape[0], dtype=d.dtype, device=d.device)
@@ -83,7 +72,7 @@ class EmmetEditor(SpreadEditor):
         if int(info) != 0 or not torch.isfinite(d_inv).all():  # the published fallback
             pseudo, d_inv = True, torch.linalg.pinv(d)
         adj = ck @ d_inv.T  # (D⁻¹ Kᵀ C̃⁻¹)ᵀ, [d_in, n]
-        diag = {"condition": c_cond, "d_condition": condition_number(d), "pseudo_inverse": float(pseudo),
-                "c_inv_norm": float(c_inv.norm()), "d_inv_norm": float(d_inv.norm()),
+        diag = {"condition": c_inv.condition, "d_condition": condition_number(d), "pseudo_inverse": float(pseudo),
+                "c_inv_norm": c_inv_norm, "d_inv_norm": float(d_inv.norm()),
                 "lambda": self.config.mom2_update_weight}
         return adj, diag
