@@ -84,3 +84,18 @@ def write_text(folder: Path, n: int = 300, seed: int = 1, name: str = "stats.txt
     path = Path(folder) / name
     path.write_text("\n".join(corpus(n, seed)) + "\n")
     return path
+
+
+def prepared_editor(name, model, tok, text, tmp_path, *, fast, seed=0, **options):
+    """Editor `name` built from `fast` + `options` (nested sections as mappings) and prepared on `model`, with its
+    run folder and statistics cache under `tmp_path` and second moments from `text`."""
+    from seqedit.builder import build_dataclass
+    from seqedit.editors.base import EditorContext, get_editor
+
+    cls = get_editor(name)
+    editor = cls(build_dataclass(cls.Config, {**fast, **options}))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    editor.prepare(model, tok, EditorContext.for_model(model, seed=seed, run_dir=run_dir, cache_dir=tmp_path / "cache",
+                                                       stats_text=(text,)))
+    return editor

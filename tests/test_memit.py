@@ -2,6 +2,7 @@
 choices on singular systems, the state their caches carry, and ENCORE's early stopping."""
 from __future__ import annotations
 
+import functools
 import copy
 import dataclasses
 import io
@@ -16,7 +17,7 @@ from seqedit.editors import _locate as lc
 from seqedit.editors.base import EditorContext, get_editor, make_editor
 from seqedit.types import EditRequest
 
-from _rome_fixtures import make_model, make_tokenizer, requests, write_text
+from _rome_fixtures import make_model, make_tokenizer, prepared_editor, requests, write_text
 from _world_fixtures import tiny_world  # noqa: F401  (fixture)
 from seqedit.data import load_requests
 
@@ -33,14 +34,7 @@ def text(tmp_path_factory):
     return write_text(tmp_path_factory.mktemp("memit_text"))
 
 
-def editor_for(name, model, tok, text, tmp_path, **options):
-    cls = get_editor(name)
-    editor = cls(build_dataclass(cls.Config, {**FAST, **options}))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(exist_ok=True)
-    editor.prepare(model, tok, EditorContext.for_model(model, run_dir=run_dir, cache_dir=tmp_path / "cache",
-                                                       stats_text=(text,)))
-    return editor
+editor_for = functools.partial(prepared_editor, fast=FAST)
 
 
 def more_requests() -> list[EditRequest]:
@@ -146,13 +140,8 @@ def test_emmet_batch_of_one_is_r_rome_on_the_same_key_and_value(kind, tok, text,
     """n = 1 (no emmet_lambda): Δ = r (C⁻¹k)ᵀ/(kᵀC⁻¹k), r-ROME's update with consistent keys. Same key k̄ and
     residual: the deltas agree to 1e-8 relative (both solved in float64)."""
     model = make_model(kind, len(tok))
-    rrome = get_editor("r-rome")
-    rr = rrome(build_dataclass(rrome.Config, {"layers": [1], "solver": "cholesky", "value": {"num_grad_steps": 6},
-                                              "context_template_length_params": [[3, 4]], "stats": {"n_samples": 300}}))
-    run_dir = tmp_path / "rr"
-    run_dir.mkdir()
-    rr.prepare(model, tok, EditorContext.for_model(model, run_dir=run_dir, cache_dir=tmp_path / "cache",
-                                                   stats_text=(text,)))
+    rr = prepared_editor("r-rome", model, tok, text, tmp_path / "rr", layers=[1], solver="cholesky",
+                         fast={**FAST, "context_template_length_params": [[3, 4]]})
     (edit,) = rr.compute_edits(model, tok, requests()[:1])
     emmet = editor_for("emmet", model, tok, text, tmp_path, layers=[1])
     k = edit.key_for_update.float()[None]  # [1, d_in]: the template mean, as r-ROME uses for u and the update

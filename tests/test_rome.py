@@ -1,6 +1,7 @@
 """ROME / r-ROME / p-ROME: key equations, orientation, the ROME-vs-r-ROME difference, the editor contract details."""
 from __future__ import annotations
 
+import functools
 import dataclasses
 import json
 from unittest import mock
@@ -17,7 +18,7 @@ from seqedit.hooks import capture
 from seqedit.scoring import prompt_ids
 from seqedit.types import EditRequest
 
-from _rome_fixtures import make_model, make_tokenizer, requests, write_text
+from _rome_fixtures import make_model, make_tokenizer, prepared_editor, requests, write_text
 
 FAST = dict(value={"num_grad_steps": 8, "weight_decay": 1e-3}, context_template_length_params=((4, 3),),
             stats={"n_samples": 300})
@@ -33,14 +34,7 @@ def text(tmp_path_factory):
     return write_text(tmp_path_factory.mktemp("rome_text"))
 
 
-def editor_for(name, model, tok, text, tmp_path, seed=0, **options):
-    cls = get_editor(name)
-    editor = cls(build_dataclass(cls.Config, {**FAST, **options}))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(exist_ok=True)
-    ctx = EditorContext.for_model(model, seed=seed, run_dir=run_dir, cache_dir=tmp_path / "cache", stats_text=(text,))
-    editor.prepare(model, tok, ctx)
-    return editor
+editor_for = functools.partial(prepared_editor, fast=FAST)
 
 
 def module_outputs_at_subject(model, tok, module_name, prompts, subject):
