@@ -685,6 +685,18 @@ class LocateEditor(BaseEditor):
             self.load_statistics(model, tokenizer, self.layers(model))
 
     def load_statistics(self, model: nn.Module, tokenizer: Any, layers: Sequence[int]) -> None:
+        """C for the layers that have none yet (the missing ones in one pass over the text), each handed to
+        `use_statistics` with the device of the parameter it serves."""
+        missing = [layer for layer in layers if layer not in self.moments]
+        if not missing:
+            return
+        arch = self._ctx(model).arch
+        for layer, moment in self.second_moments(model, tokenizer, missing).items():
+            self.use_statistics(layer, moment, get_module(model, arch.mlp_out(layer)).weight.device)
+            self.moments[layer] = moment  # only once it is usable: a singular C fails again on the next call
+
+    def use_statistics(self, layer: int, moment: SecondMoment, device: torch.device) -> None:
+        """What the editor keeps of C (a solver, C + ridge, a projector)."""
         raise NotImplementedError
 
     def _ctx(self, model: nn.Module) -> EditorContext:
@@ -722,16 +734,14 @@ class LocateEditor(BaseEditor):
             self._templates = check_templates(tuple(state["templates"]))
 
     def second_moments(self, model: nn.Module, tokenizer: Any, layers: Sequence[int]) -> dict[int, SecondMoment]:
-        """Load or build C for `layers` (the missing ones in one pass over the text) and record them in `moments`.
+        """Load or build C for `layers` (the missing ones in one pass over the text).
 
         A callable in `ctx.extras["stats_progress"]` receives (done, total) while statistics are built."""
         ctx = self._ctx(model)
         progress = ctx.extras.get("stats_progress") if isinstance(ctx.extras, Mapping) else None
         sources = tuple(Path(src).expanduser() for src in self.config.stats.source) or ctx.stats_text
-        moments = layer_second_moments(model, tokenizer, ctx.arch, list(layers), sources, spec=self.config.stats,
-                                       cache_dir=ctx.cache_dir, progress=progress if callable(progress) else None)
-        self.moments.update(moments)
-        return moments
+        return layer_second_moments(model, tokenizer, ctx.arch, list(layers), sources, spec=self.config.stats,
+                                    cache_dir=ctx.cache_dir, progress=progress if callable(progress) else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -810,16 +820,9 @@ class SpreadEditor(LocateEditor):
         return template_groups(self._templates, cfg.context_template_length_params, cfg.context_template_prefixes,
                                generated=cfg.context_templates is None)
 
-    def load_statistics(self, model: nn.Module, tokenizer: Any, layers: Sequence[int]) -> None:
-        """C for the layers that have none yet (the missing ones in one pass over the text), then `on_statistics`."""
-        missing = [layer for layer in layers if layer not in self.moments]
-        if not missing:
-            return
-        arch = self._ctx(model).arch
-        for layer, moment in self.second_moments(model, tokenizer, missing).items():
-            device = get_module(model, arch.mlp_out(layer)).weight.device
-            self._cov[layer] = _ridged(moment.mom2.to(device), self.config.ridge)
-            self.on_statistics(layer, self._cov[layer])
+    def use_statistics(self, layer: int, moment: SecondMoment, device: torch.device) -> None:
+        self._cov[layer] = _ridged(moment.mom2.to(device), self.config.ridge)
+        self.on_statistics(layer, self._cov[layer])
 
     def on_statistics(self, layer: int, mom2: torch.Tensor) -> None:
         """Hook: C (+ ridge) of `layer` is known (on the parameter's device, in the statistics dtype)."""

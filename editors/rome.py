@@ -39,7 +39,7 @@ from seqedit.editors._locate import (
 )
 from seqedit.editors.base import register_editor
 from seqedit.model_state import TemporaryWeights
-from seqedit.stats import StatsSpec
+from seqedit.stats import SecondMoment, StatsSpec
 from seqedit.types import EditProposal, EditRequest
 
 KEY_MODES = ("mean", "raw")  # mean: k* / k̄ over the context templates; raw: k_raw at the bare prompt
@@ -111,18 +111,9 @@ class RomeEditor(LocateEditor):
     def needs_statistics(self) -> bool:
         return self.config.mom2_adjustment
 
-    def load_statistics(self, model: nn.Module, tokenizer: Any, layers: Sequence[int]) -> None:
-        """Load or build C for the layers that have no solver yet (missing ones in one pass over the text).
-
-        A callable in `ctx.extras["stats_progress"]` receives (done, total) while statistics are built."""
-        missing = [layer for layer in layers if layer not in self._solvers]
-        if not missing:
-            return
-        arch = self._ctx(model).arch
-        for layer, moment in self.second_moments(model, tokenizer, missing).items():
-            device = get_module(model, arch.mlp_out(layer)).weight.device
-            self._solvers[layer] = make_solver(moment.mom2, method=self.config.solver, ridge=self.config.ridge,
-                                               device=device)
+    def use_statistics(self, layer: int, moment: SecondMoment, device: torch.device) -> None:
+        self._solvers[layer] = make_solver(moment.mom2, method=self.config.solver, ridge=self.config.ridge,
+                                           device=device)
 
     def solver(self, model: nn.Module, tokenizer: Any, layer: int) -> CovSolver:
         self.load_statistics(model, tokenizer, [layer])
