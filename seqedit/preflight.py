@@ -35,7 +35,7 @@ def preflight(cfg: RunConfig) -> Preflight:
         raise PreflightError(str(e)) from e
     n_layers, arch, world = _check_model(cfg)
     _check_editor_layers(cfg, n_layers)
-    _check_editor_stats(cfg, is_world=world_preset_of(cfg) is not None)
+    _check_editor_stats(cfg, is_world=_is_world(cfg))
     requests, data_info = _check_data(cfg)
     _check_probes(cfg, world)
     return Preflight(n_layers=n_layers, arch=arch, requests=requests, data_info=data_info)
@@ -109,10 +109,10 @@ def _check_editor_layers(cfg: RunConfig, n_layers: int) -> None:
         raise PreflightError(f"editor.layers={list(layers)}: {e} (model {cfg.model.name!r})") from e
 
 
-def world_preset_of(cfg: RunConfig) -> str | None:
+def _is_world(cfg: RunConfig) -> bool:
     from seqedit.model_io import world_preset
 
-    return world_preset(cfg.model.name)
+    return world_preset(cfg.model.name) is not None
 
 
 def _check_editor_stats(cfg: RunConfig, is_world: bool) -> None:
