@@ -177,10 +177,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_world(args: argparse.Namespace) -> int:
-    from seqedit.world import build_world, world_info
+    from seqedit.world import build_world, compare_reports, shipped_dir, world_info
+    from seqedit.world.build import LOCAL_SUFFIX, split_local
 
+    name, local = split_local(args.preset)
+    shipped = shipped_dir(name)
     if args.action == "build":
-        build_world(args.preset, cache_dir=args.cache_dir, force=args.force, progress=_say)
+        if shipped is not None and not (args.rebuild or local):
+            info = world_info(name, cache_dir=args.cache_dir)  # checks the shipped files
+            _say(f"world:{name} ships with seqedit (build {info['build_id']}): nothing to build. "
+                 f"`seqedit world build {name} --rebuild` builds it on this machine (world:{name}{LOCAL_SUFFIX})")
+        else:
+            build_world(name if shipped is None else f"{name}{LOCAL_SUFFIX}", cache_dir=args.cache_dir,
+                        force=args.rebuild, progress=_say)
+            if shipped is not None:  # how this machine's build compares with the one everyone else uses
+                ship = world_info(name)
+                mine = world_info(f"{name}{LOCAL_SUFFIX}", cache_dir=args.cache_dir)
+                print(f"{'figure':28s} {'shipped ' + str(ship['build_id']):>22s} {'local ' + str(mine['build_id']):>22s}")
+                for key, a, b in compare_reports(ship["report"] or {}, mine["report"] or {}):
+                    print(f"{key:28s} {str(a):>22s} {str(b):>22s}")
+                print(f"use it with model.name=world:{name}{LOCAL_SUFFIX}; world:{name} stays the shipped build")
+                return 0
     info = world_info(args.preset, cache_dir=args.cache_dir)
     print(json.dumps(info, indent=2, default=str))
     return 0
@@ -324,9 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("world", help="build or describe the embedded synthetic world")
     w.add_argument("action", choices=["build", "info"])
-    w.add_argument("preset", nargs="?", default="small")
+    w.add_argument("preset", nargs="?", default="standard",
+                   help="preset (default: standard, the shipped default world); <preset>@local = this machine's build")
     w.add_argument("--cache-dir", default=None)
-    w.add_argument("--force", action="store_true", help="rebuild even if cached")
+    w.add_argument("--rebuild", "--force", dest="rebuild", action="store_true",
+                   help="build on this machine even if cached or shipped (a shipped preset: compare with the shipped "
+                        "build; use the result as world:<preset>@local)")
     w.set_defaults(func=cmd_world)
 
     pw = sub.add_parser("push-wandb", help="replay a run's JSONL telemetry into wandb (offline clusters)")

@@ -87,6 +87,7 @@ class RunState:
     snapshot_seconds: float = 0.0  # time spent writing and pruning snapshots
     snapshots_written: int = 0
     base_fingerprint: str = ""  # sha256 of the touched parameters of the unedited model
+    world: dict[str, Any] = field(default_factory=dict)  # World.identity() of a world model: preset, build id, source
     last_snapshot: int | None = None  # edits_done of the newest snapshot
     resumes: int = 0
     stopped_early: str = ""  # why editing ended before n_edits (telemetry.stop_on_collapse), else ""
@@ -314,6 +315,14 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
 
             loaded = load_model(cfg.model, cache_dir=cache_dir, progress=say)
             model, tok = loaded.model, loaded.tokenizer
+            if loaded.world is not None:  # exactly which build: results of two builds never share a run
+                identity = loaded.world.identity()
+                if resuming and state.world and state.world.get("build_id") != identity["build_id"]:
+                    raise ResumeRefused(
+                        f"the world {cfg.model.name!r} is another build than the run started with (build "
+                        f"{identity['build_id']} ({identity['source']}), the run recorded {state.world.get('build_id')} "
+                        f"({state.world.get('source')})): refusing to resume {run_dir}")
+                state.world = identity
             stop.check()
             if checked.requests is not None:  # a file source: preflight already read, ordered and counted it
                 stream, data_info = list(checked.requests), checked.data_info
@@ -654,7 +663,7 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             atomic_write_json(run_dir / "summary.json", {
                 **dataclasses.asdict(summary), "run_dir": str(run_dir), "probe_seconds": state.probe_seconds,
                 "rejected": state.rejected, "resumes": state.resumes, "stopped_early": state.stopped_early,
-                "weights_sha256": model_fingerprint(model, declared), "ledger_bytes": ledger.nbytes()})
+                "world": state.world, "weights_sha256": model_fingerprint(model, declared), "ledger_bytes": ledger.nbytes()})
             state.status = "finished"  # only now: summary.json is on disk
             state.save(run_dir)
             _heartbeat(run_dir, state, len(stream), t_start, session_start, {}, None)

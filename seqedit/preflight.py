@@ -66,15 +66,16 @@ def _check_model(cfg: RunConfig) -> tuple[int, str, Any]:
 
     if preset is not None:
         from seqedit.driver import default_cache_dir
-        from seqedit.world.build import World, resolve_config, verify_world, world_dir
+        from seqedit.world.build import World, WorldIntegrityError, locate_world, verify_world
 
-        try:
-            wc = resolve_config(preset)  # get_preset: unknown names list the allowed presets
-        except ValueError as e:
+        try:  # get_preset: unknown names list the allowed presets; a damaged shipped build stops here
+            found = locate_world(preset, default_cache_dir(cfg.cache_dir))
+        except (ValueError, WorldIntegrityError) as e:
             raise PreflightError(f"model.name={cfg.model.name!r}: {e}") from e
-        path = world_dir(wc, default_cache_dir(cfg.cache_dir))
+        wc, path = found.config, found.path
         # World.downstream_dir/heldout_path are all a downstream check() reads: no model or tokenizer is loaded.
-        world = World(path=path, config=wc, model=None, tokenizer=None) if verify_world(path) is None else None
+        world = (World(path=path, config=wc, model=None, tokenizer=None, source=found.source)
+                 if verify_world(path) is None else None)
         # World models are GPT-2 (seqedit.world.train.make_model); the layer count is the preset's.
         return wc.n_layer, spec_for_model_type("gpt2").name, world
 

@@ -178,10 +178,13 @@ def test_config_round_trip_hash_and_presets():
     assert dataclasses.replace(tiny, seed=7).config_hash() != tiny.config_hash()
     assert dataclasses.replace(tiny, corpus=CorpusDesign(mode="biography")).config_hash() != tiny.config_hash()
     assert world_dir("tiny", "/c").as_posix() == f"/c/worlds/tiny-{tiny.config_hash()}"
-    with pytest.raises(ValueError, match="allowed: medium, small, tiny"):
+    with pytest.raises(ValueError, match="allowed: medium, small, standard, tiny"):
         get_preset("huge")
-    # medium is small with a wider MLP (the key space of rank-one editors), nothing else
+    # medium is small with a wider MLP (the key space of rank-one editors), nothing else; standard (shipped) is small
+    # with a still wider MLP, more subjects and more held-out text for C
     assert dataclasses.replace(get_preset("medium"), name="small", n_inner=None) == get_preset("small")
+    assert dataclasses.replace(get_preset("standard"), name="small", n_inner=None, n_subjects=560,
+                               heldout_min_tokens=6000) == get_preset("small")
     wide = world_train.make_model(dataclasses.replace(tiny, n_inner=96), vocab_size=50, eos_id=0)
     assert wide.transformer.h[0].mlp.c_fc.weight.shape == (tiny.n_embd, 96)  # Conv1D: [in, out]
     with pytest.raises(ValueError, match="unknown WorldConfig keys"):

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from seqedit.world.build import (
     World,
+    WorldIntegrityError,
+    build_id,
     build_world,
+    compare_reports,
     default_cache_dir,
     load_world,
+    locate_world,
     resolve_config,
+    shipped_dir,
+    shipped_presets,
     verify_world,
     world_dir,
     world_info,
@@ -20,6 +26,7 @@ from seqedit.world.build import (
 from seqedit.world.config import PRESETS, WORLD_FORMAT_VERSION, CorpusDesign, WorldConfig, get_preset
 
 __all__ = [
-    "PRESETS", "WORLD_FORMAT_VERSION", "CorpusDesign", "World", "WorldConfig", "build_world", "default_cache_dir",
-    "get_preset", "load_world", "resolve_config", "verify_world", "world_dir", "world_info",
+    "PRESETS", "WORLD_FORMAT_VERSION", "CorpusDesign", "World", "WorldConfig", "WorldIntegrityError", "build_id",
+    "build_world", "compare_reports", "default_cache_dir", "get_preset", "load_world", "locate_world",
+    "resolve_config", "shipped_dir", "shipped_presets", "verify_world", "world_dir", "world_info",
 ]

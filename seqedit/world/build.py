@@ -1,6 +1,12 @@
-"""Build, cache, verify and load worlds.
+"""Build, cache, verify and load worlds; find the builds that ship with the package.
 
-A world lives in `<cache>/worlds/<name>-<config hash>/` (cache = `cache_dir`, else `$SEQEDIT_CACHE`, else
+Shipped worlds: the presets in `SHIPPED` are built once (`seqedit world build <preset> --rebuild` on one machine,
+then `bench/ship_world.py`) and their files ship as package data under `seqedit/world/shipped/<preset>/`, checked
+against their `checksums.json` on every load. `world:<preset>` loads the shipped build; `world:<preset>@local` is the
+build made on this machine (into the cache, as below), so the two can never be confused under one name. Every world
+has a `build_id` (a hash of its checksums), which runs record.
+
+A locally built world lives in `<cache>/worlds/<name>-<config hash>/` (cache = `cache_dir`, else `$SEQEDIT_CACHE`, else
 `~/.cache/seqedit`). It is built in a temporary sibling directory and moved into place with `os.replace`, and
 `checksums.json` (sha256 of every other file) is written last, atomically: a directory without valid checksums is
 treated as missing and rebuilt, so a killed build never leaves a half-written world that loads.
@@ -8,6 +14,7 @@ treated as missing and rebuilt, so a killed build never leaves a half-written wo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +45,12 @@ REQUIRED_FILES = (
     "counterfact.json", "heldout.txt", "report.json", *(f"downstream/{t}.jsonl" for t in DOWNSTREAM_TASKS),
 )
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+LOCAL_SUFFIX = "@local"  # world:<preset>@local = this machine's build of a shipped preset
+SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
+
+
+class WorldIntegrityError(RuntimeError):
+    """A shipped world is damaged or does not match its preset: loading it would give other results than it claims."""
 
 
 def default_cache_dir() -> Path:
@@ -49,12 +62,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "seqedit"
 
 
+def split_local(name: str) -> tuple[str, bool]:
+    """"world:small@local" -> ("small", True); "small" -> ("small", False)."""
+    name = name.removeprefix("world:")
+    return (name[: -len(LOCAL_SUFFIX)], True) if name.endswith(LOCAL_SUFFIX) else (name, False)
+
+
 def resolve_config(preset_or_cfg: str | WorldConfig) -> WorldConfig:
-    """A preset name ("tiny", also "world:tiny") or a WorldConfig -> WorldConfig."""
+    """A preset name ("tiny", also "world:tiny" or "tiny@local") or a WorldConfig -> WorldConfig."""
     if isinstance(preset_or_cfg, WorldConfig):
         cfg = preset_or_cfg
     elif isinstance(preset_or_cfg, str):
-        name = preset_or_cfg.removeprefix("world:")
+        name, _local = split_local(preset_or_cfg)
         cfg = get_preset(name)
     else:
         raise TypeError(
@@ -66,9 +85,65 @@ def resolve_config(preset_or_cfg: str | WorldConfig) -> WorldConfig:
 
 
 def world_dir(cfg: str | WorldConfig, cache_dir: str | Path | None = None) -> Path:
+    """Where this machine's build of the world lives (or will), in the cache; see `locate_world` for shipped ones."""
     cfg = resolve_config(cfg)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return root / "worlds" / f"{cfg.name}-{cfg.config_hash()}"
+
+
+def shipped_dir(preset: str) -> Path | None:
+    """The shipped build of a preset, None if the package ships none for it."""
+    path = SHIPPED_ROOT / preset
+    return path if (path / "world_config.json").is_file() or (path / CHECKSUMS).is_file() else None
+
+
+def shipped_presets() -> list[str]:
+    return sorted(p.name for p in SHIPPED_ROOT.iterdir() if shipped_dir(p.name)) if SHIPPED_ROOT.is_dir() else []
+
+
+def check_shipped(preset: str, path: Path) -> None:
+    """Raise WorldIntegrityError unless the shipped build at `path` is intact and is a build of the preset's config."""
+    cfg = get_preset(preset)
+    problem = verify_world(path)
+    if problem is None:
+        stored = json.loads((path / "world_config.json").read_text())
+        if stored.get("config_hash") != cfg.config_hash():
+            problem = (f"it was built from config hash {stored.get('config_hash')}, the preset now hashes to "
+                       f"{cfg.config_hash()} (the preset changed without a new shipped build)")
+    if problem is not None:
+        raise WorldIntegrityError(
+            f"the shipped world {preset!r} at {path} is damaged: {problem}. Reinstall seqedit "
+            f"(pip install --force-reinstall --no-deps seqedit) or build it on this machine with "
+            f"`seqedit world build {preset} --rebuild` and use model.name=world:{preset}{LOCAL_SUFFIX}")
+
+
+def build_id(path: str | Path) -> str:
+    """12 hex digits naming one build of a world: the hash of its checksums (weights, tokenizer, records, ...)."""
+    files = json.loads((Path(path) / CHECKSUMS).read_text())["files"]
+    blob = json.dumps(files, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class WorldLocation:
+    """Where `world:<name>` resolves to: the shipped build, or this machine's cache."""
+
+    config: WorldConfig
+    path: Path
+    source: str  # "shipped" | "local"
+
+
+def locate_world(preset_or_cfg: str | WorldConfig, cache_dir: str | Path | None = None) -> WorldLocation:
+    """A preset name with a shipped build -> the shipped build (checked: WorldIntegrityError if damaged); a name with
+    "@local", a preset without a shipped build, or a WorldConfig -> the cache directory (built or not)."""
+    cfg = resolve_config(preset_or_cfg)
+    if isinstance(preset_or_cfg, str):
+        name, local = split_local(preset_or_cfg)
+        shipped = None if local else shipped_dir(name)
+        if shipped is not None:
+            check_shipped(name, shipped)
+            return WorldLocation(cfg, shipped, "shipped")
+    return WorldLocation(cfg, world_dir(cfg, cache_dir), "local")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,8 +214,14 @@ def build_world(
 ) -> Path:
     """Return the world's directory, building it first if it is missing, incomplete or corrupt (or if `force`).
 
-    `device` trains on another device (e.g. "cuda" for design sweeps); the report records it. The cache key stays the
-    config hash, so keep such builds in their own cache directory if bit-identity with CPU builds matters."""
+    A preset with a shipped build returns the shipped directory (nothing is built) unless `force` is given: then this
+    machine's build is made in the cache (`world:<preset>@local`). `device` trains on another device (e.g. "cuda"
+    for design sweeps); the report records it. The cache key stays the config hash, so keep such builds in their own
+    cache directory if bit-identity with CPU builds matters."""
+    if not force:
+        found = locate_world(preset_or_cfg, cache_dir)
+        if found.source == "shipped":
+            return found.path
     cfg = resolve_config(preset_or_cfg)
     final = world_dir(cfg, cache_dir)
     say = progress or (lambda _msg: None)
@@ -319,6 +400,12 @@ class World:
     model: GPT2LMHeadModel
     tokenizer: PreTrainedTokenizerBase
     report: dict[str, Any] = field(default_factory=dict)
+    source: str = "local"  # "shipped" (package data) | "local" (built on this machine)
+
+    def identity(self) -> dict[str, Any]:
+        """What a run records about its world: which preset and config, and exactly which build."""
+        return {"preset": self.config.name, "config_hash": self.config.config_hash(), "source": self.source,
+                "build_id": build_id(self.path), "path": str(self.path)}
 
     @property
     def counterfact_path(self) -> Path:
@@ -346,19 +433,44 @@ def load_world(
     device: str | None = None,
 ) -> World:
     """Load a world (model in eval mode on the CPU, tokenizer, report), building it first if needed (training on
-    `device`, see `build_world`)."""
-    path = build_world(preset_or_cfg, cache_dir=cache_dir, progress=progress, device=device)
+    `device`, see `build_world`). A shipped preset loads its shipped build (checksums verified) unless the name ends
+    in "@local"."""
+    found = locate_world(preset_or_cfg, cache_dir)
+    path = found.path if found.source == "shipped" else build_world(
+        found.config, cache_dir=cache_dir, progress=progress, device=device)
     model, tokenizer = _load_model_and_tokenizer(path)
     stored = json.loads((path / "world_config.json").read_text())
     return World(path=path, config=WorldConfig.from_dict(stored["config"]), model=model, tokenizer=tokenizer,
-                 report=json.loads((path / "report.json").read_text()))
+                 report=json.loads((path / "report.json").read_text()), source=found.source)
 
 
 def world_info(preset_or_cfg: str | WorldConfig, cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """What `seqedit world info` shows: where the world lives, whether it is built and intact, its report."""
-    cfg = resolve_config(preset_or_cfg)
-    path = world_dir(cfg, cache_dir)
-    problem = verify_world(path)
-    report = json.loads((path / "report.json").read_text()) if problem is None else None
-    return {"preset": cfg.name, "config_hash": cfg.config_hash(), "path": str(path), "built": problem is None,
-            "problem": problem, "report": report}
+    """What `seqedit world info` shows: where the world lives (shipped or local), whether it is built and intact,
+    its build id and report."""
+    try:
+        found = locate_world(preset_or_cfg, cache_dir)
+    except WorldIntegrityError as e:
+        cfg = resolve_config(preset_or_cfg)
+        return {"preset": cfg.name, "config_hash": cfg.config_hash(), "source": "shipped", "path": None,
+                "built": False, "problem": str(e), "build_id": None, "report": None}
+    problem = verify_world(found.path)
+    report = json.loads((found.path / "report.json").read_text()) if problem is None else None
+    return {"preset": found.config.name, "config_hash": found.config.config_hash(), "source": found.source,
+            "path": str(found.path), "built": problem is None, "problem": problem,
+            "build_id": build_id(found.path) if problem is None else None, "report": report}
+
+
+# The figures `seqedit world build <preset> --rebuild` compares between a local build and the shipped one.
+COMPARED = ("recall_edit", "recall_paraphrase", "recall_all_templates", "recall_facts_mc_prompts",
+            "downstream.facts_mc", "downstream.arithmetic", "downstream.ordering", "train.final_loss",
+            "build_seconds")
+
+
+def compare_reports(shipped: dict[str, Any], local: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(figure, shipped value, local value) for the figures in COMPARED."""
+    def get(report: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            report = report.get(part) if isinstance(report, dict) else None
+        return report
+
+    return [(k, get(shipped, k), get(local, k)) for k in COMPARED]
