@@ -257,6 +257,45 @@ def _text_to_jsonl(src: Path, dst: Path) -> int:
     return n
 
 
+def _target_rule(yaml_path: Path) -> tuple[str, Any] | None:
+    """(label field, choices) of a bundled multiple-choice YAML: choices is a fixed list of strings or the name of a
+    per-row list field. None for other output types (rolling log-likelihood has no labels)."""
+    spec = yaml.safe_load(yaml_path.read_text()) or {}
+    if spec.get("output_type") != "multiple_choice":
+        return None
+    target, choices = spec.get("doc_to_target"), spec.get("doc_to_choice")
+    if not isinstance(target, str) or not isinstance(choices, (str, list)):
+        return None
+    return target, choices
+
+
+def _label_index(value: Any, choices: Sequence[str]) -> int | None:
+    """The choice index `value` stands for, or None when it names none.
+
+    The rule (issue #12): an int in 0..k-1 is used as is; a string holding such an int ("1", " 0 "), an integral
+    float (1.0, as pandas writes ints next to NaNs) or exactly one of the choice words ("positive") is mapped to it.
+    Everything else is refused: bools (True is 1 in Python but "True" is choice 0 of RTE), other strings, other
+    numbers (GLUE's unlabelled test split uses -1), null."""
+    k = len(choices)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value < k else None
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and 0 <= value < k else None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdecimal() and int(text) < k:
+            return int(text)
+        if value in choices:
+            return list(choices).index(value)
+    return None
+
+
+def _allowed_labels(choices: Sequence[str]) -> str:
+    return ", ".join(f"{i} ({c!r})" for i, c in enumerate(choices))
+
+
 def _missing(task: ResolvedTask, what: str, how: str) -> DownstreamDataError:
     origin = f" (from {task.requested_as!r})" if task.requested_as and task.requested_as != task.name else ""
     return DownstreamDataError(f"downstream task {task.name!r}{origin}: {what}. {how}")
@@ -304,6 +343,8 @@ class DownstreamProbe:
             self.config.tasks, self.config.limit, self.config.local_data_dir
         )
         self._prepared: _Prepared | None = None
+        # What check() changed in the user's data (label mappings), one sentence each: the driver reports them.
+        self.notes: list[str] = []
         self._tokenizers: dict[int, Any] = {}  # id(driver tokenizer) -> our copy (lm-eval may set a pad token)
 
     # -- start-up ---------------------------------------------------------------------------------------------
@@ -334,7 +375,7 @@ class DownstreamProbe:
         for t in self.tasks:
             if t.source == "lm_eval":
                 continue
-            data = self._data_file(t, world_root, heldout, include)
+            data = self._checked_labels(t, self._data_file(t, world_root, heldout, include), include)
             body: dict[str, Any] = {
                 "include": str(t.yaml),
                 "task": t.name,
@@ -412,6 +453,59 @@ class DownstreamProbe:
             raise _missing(t, f"local data file {str(path)!r} not found",
                            f"Put {t.data_file} (JSONL rows {fields}) in local_data_dir")
         return path
+
+    def _checked_labels(self, t: ResolvedTask, path: Path, include: Path) -> Path:
+        """Check every row's label against the task's choices (before lm-eval sees the file: it scores a label it
+        cannot match, e.g. the string "1" against choices ["no", "yes"], as wrong on every item, silently).
+
+        Labels that `_label_index` maps are rewritten as ints into a copy under `include` (the user's file is never
+        changed) and reported in `self.notes`; any other label raises DownstreamDataError naming the file, the line,
+        the value and the allowed values. Returns the file lm-eval should read."""
+        assert t.yaml is not None
+        rule = _target_rule(t.yaml)
+        if rule is None:
+            return path
+        field_name, choice_spec = rule
+        rows: list[dict[str, Any]] = []
+        mapped: dict[str, int] = {}  # repr(value) -> index
+        n_mapped = 0
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{str(path)!r} line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _missing(t, f"{where} is not JSON ({e.msg})", "Give one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise _missing(t, f"{where} is a {type(row).__name__}, not a JSON object", "Give one object per line")
+            if isinstance(choice_spec, str):  # per-row choices (the world tasks)
+                choices = row.get(choice_spec)
+                if not isinstance(choices, list) or not choices:
+                    raise _missing(t, f"{where}: field {choice_spec!r} is {choices!r:.80}, not a list of choices",
+                                   "Give every row its list of choices")
+            else:
+                choices = choice_spec
+            value = row.get(field_name)
+            index = _label_index(value, choices)
+            if index is None:
+                raise _missing(t, f"{where}: label field {field_name!r} = {value!r:.80} is not one of the task's "
+                                  f"choices; allowed: {_allowed_labels(choices)}",
+                               "Write the choice index as an int (a string holding it, e.g. \"1\", or the choice "
+                               "word itself is mapped to it)")
+            if type(value) is not int:
+                mapped.setdefault(repr(value), index)
+                n_mapped += 1
+                row = {**row, field_name: index}
+            rows.append(row)
+        if not n_mapped:
+            return path
+        dst = include / f"{t.name}.labels.jsonl"
+        dst.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        pairs = ", ".join(f"{k} -> {v}" for k, v in sorted(mapped.items(), key=lambda kv: kv[1]))
+        self.notes.append(f"downstream task {t.name!r}: {str(path)!r}: {n_mapped} of {len(rows)} labels in field "
+                          f"{field_name!r} were not ints and were mapped to choice indices ({pairs})")
+        return dst
 
     def _load_error(self, t: ResolvedTask, e: Exception) -> Exception:
         if t.source != "lm_eval":

@@ -347,6 +347,9 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             for name, probe, _ in probes:
                 if hasattr(probe, "check"):  # e.g. downstream data must be local before hours of editing start
                     probe.check(loaded)
+                for note in getattr(probe, "notes", ()):  # what the check changed in the user's input (mappings)
+                    say(f"probe {name}: {note}")
+                    event(run_dir, "input_mapped", probe=name, note=note)
             tracker = WeightTracker()
             tracker.remember(model, declared)  # W0 from the base model, also on resume
             fingerprint = model_fingerprint(model, declared)

@@ -403,3 +403,64 @@ def test_local_variants_render_like_lm_eval_tasks():
             doc = {**doc, "label": doc["label"] % 2}
         assert _render(ours, doc) == _render(theirs, doc), base
         assert [m["metric"] for m in ours["metric_list"]] == [m["metric"] for m in theirs["metric_list"]], base
+
+
+# --- labels checked against the task's choices (issue #12: string labels used to score 0.0 silently) -------------
+
+
+def _sst2_rows(label) -> list[dict]:
+    return [{"sentence": s + ".", "label": label(i % 2)} for i, s in enumerate(SENTENCES[:6])]
+
+
+def test_string_labels_are_mapped_and_reported_with_the_int_label_scores(tmp_path, tokenizer, model):
+    (tmp_path / "ints").mkdir()
+    (tmp_path / "strs").mkdir()
+    _write_jsonl(tmp_path / "ints" / "sst2.jsonl", _sst2_rows(int))
+    _write_jsonl(tmp_path / "strs" / "sst2.jsonl", _sst2_rows(str))  # "0" / "1"
+    results = {}
+    for kind in ("ints", "strs"):
+        probe = DownstreamProbe(DownstreamProbe.Config(tasks=("sst2_local",), local_data_dir=str(tmp_path / kind),
+                                                       log_items=True, batch_size=8))
+        probe.check()
+        results[kind] = (probe.notes, probe(_ctx(model, tokenizer)))
+    assert results["ints"][0] == []
+    (note,) = results["strs"][0]
+    assert "sst2.jsonl" in note and "6 of 6 labels" in note and "'0' -> 0" in note and "'1' -> 1" in note
+    ints, strs = results["ints"][1], results["strs"][1]
+    assert strs.metrics == ints.metrics
+    # Not the silent failure mode (every item wrong): the same per-item outcomes, some of them right.
+    assert [r["acc"] for r in strs.rows] == [r["acc"] for r in ints.rows]
+    assert any(r["acc"] for r in ints.rows)
+    assert (tmp_path / "strs" / "sst2.jsonl").read_text().count('"label": "1"') == 3  # the user's file is untouched
+
+
+def test_choice_words_map_to_their_index(tmp_path):
+    names = ("negative", "positive")
+    _write_jsonl(tmp_path / "sst2.jsonl", _sst2_rows(lambda i: names[i]))
+    probe = DownstreamProbe(DownstreamProbe.Config(tasks=("sst2_local",), local_data_dir=str(tmp_path)))
+    probe.check()
+    assert "'negative' -> 0, 'positive' -> 1" in probe.notes[0]
+
+
+@pytest.mark.parametrize("bad", ["pos", -1, 2, True, None, 0.5, "2"])
+def test_labels_outside_the_choices_are_refused_naming_file_value_and_allowed(tmp_path, bad):
+    rows = _sst2_rows(int)
+    rows[3]["label"] = bad
+    _write_jsonl(tmp_path / "sst2.jsonl", rows)
+    probe = DownstreamProbe(DownstreamProbe.Config(tasks=("sst2_local",), local_data_dir=str(tmp_path)))
+    with pytest.raises(DownstreamDataError) as info:
+        probe.check()
+    msg = str(info.value)
+    assert str(tmp_path / "sst2.jsonl") in msg and "line 4" in msg
+    assert f"'label' = {bad!r} " in msg
+    assert "allowed: 0 ('negative'), 1 ('positive')" in msg
+
+
+def test_per_row_choices_of_world_tasks_are_checked(tmp_path):
+    rows = _mc_rows(0)
+    rows[1]["label"] = 4  # 4 choices: 0..3
+    for name in ("facts_mc", "arithmetic", "ordering"):
+        _write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    probe = DownstreamProbe(DownstreamProbe.Config(tasks=("world_facts",), data_dir=str(tmp_path)))
+    with pytest.raises(DownstreamDataError, match=r"facts_mc\.jsonl' line 2: label field 'label' = 4 .*allowed: 0 "):
+        probe.check()

@@ -299,3 +299,17 @@ def test_a_closed_progress_stream_does_not_fail_the_run(assets, tmp_path):
 
     summary = run(config(assets, tmp_path), progress=broken)
     assert summary.status == "finished" and len(lines) > 3
+
+
+def test_mapped_downstream_labels_are_reported_by_the_run(assets, tmp_path):
+    local = tmp_path / "glue"
+    local.mkdir()
+    rows = [{"sentence": s, "label": str(i % 2)} for i, s in enumerate(["A fine film.", "A dull film.", "Fine."])]
+    (local / "sst2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said: list[str] = []
+    summary = run(config(assets, tmp_path, "editor.name=noop", "n_edits=2",
+                         f"probes=[{{name: downstream, tasks: [sst2_local], local_data_dir: {local}, limit: 3, "
+                         "schedule: never}]"), progress=said.append)
+    (mapped,) = [e for e in read_jsonl(summary.run_dir / "events.jsonl") if e["event"] == "input_mapped"]
+    assert mapped["probe"] == "downstream" and "3 of 3 labels" in mapped["note"] and "'1' -> 1" in mapped["note"]
+    assert any(m.startswith("probe downstream: ") and "sst2.jsonl" in m for m in said)

@@ -194,6 +194,18 @@ def test_unknown_lm_eval_task(assets, tmp_path):
     fails(cfg, "probes[0].tasks=['sst3']", "'sst3'", "allowed:", "Did you mean 'sst2'")
 
 
+def test_downstream_label_outside_the_choices_fails_before_a_run_dir(assets, tmp_path):
+    local = tmp_path / "glue"
+    local.mkdir()
+    rows = [{"sentence": "A fine film.", "label": 1}, {"sentence": "A dull film.", "label": "neg"}]
+    (local / "sst2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(assets, tmp_path, f"probes=[{{name: downstream, tasks: [sst2_local], local_data_dir: {local}, "
+                                   "schedule: never}]")
+    fails(cfg, "probes[0].tasks=['sst2_local']", "sst2.jsonl' line 2", "'label' = 'neg'",
+          "allowed: 0 ('negative'), 1 ('positive')")
+    assert not (tmp_path / "runs").exists()
+
+
 # -- statistics text of the locate-then-edit editors ---------------------------------------------------------------
 
 
