@@ -211,12 +211,16 @@ def cmd_push_wandb(args: argparse.Namespace) -> int:
     return 0
 
 
+SKIPS_SHOWN = 10  # skipped records listed on the terminal; all of them go to the output file
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
+    import dataclasses
     import re
     import time
 
     from seqedit.config import ModelConfig
-    from seqedit.data import load_requests, order_requests
+    from seqedit.data import DataError, load_requests, order_requests
     from seqedit.io import atomic_write_json
     from seqedit.model_io import load_model
     from seqedit.trace import KINDS, save_heatmaps, trace
@@ -235,7 +239,17 @@ def cmd_trace(args: argparse.Namespace) -> int:
             raise ValueError(f"--data is required for {args.model!r} (only world:<preset> models bring their own "
                              "facts); give a CounterFact-style JSON or another format seqedit.data reads")
         data = str(lm.world.counterfact_path)
-    loaded = load_requests(data)
+    try:
+        loaded = load_requests(data, on_error=args.on_error)
+    except DataError as e:
+        raise DataError(f"{e} (--on-error skip leaves malformed records out and reports them)") from None
+    if loaded.skipped:
+        _say(f"skipped {len(loaded.skipped)} malformed record(s) of {len(loaded.skipped) + len(loaded.requests)} in "
+             f"{data} (--on-error skip; listed in trace.json 'skipped_records'):")
+        for s in loaded.skipped[:SKIPS_SHOWN]:
+            _say(f"  record {s.index}: field {s.field!r} {s.reason}")
+        if len(loaded.skipped) > SKIPS_SHOWN:
+            _say(f"  ... and {len(loaded.skipped) - SKIPS_SHOWN} more")
     requests = order_requests(loaded.requests, seed=args.seed, stop=args.n_facts)
     _say(f"tracing {len(requests)} facts from {data} on {args.model} ...")
     result = trace(lm.model, lm.tokenizer, requests, samples=args.samples, noise=args.noise, kinds=kinds,
@@ -244,7 +258,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", args.model).strip("-.") or "model"
     out = Path(args.out) if args.out else Path("runs") / f"trace-{slug}"
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "trace.json", {"model": args.model, "data": data, **result.to_dict()})
+    atomic_write_json(out / "trace.json", {"model": args.model, "data": data, **result.to_dict(),
+                                           "skipped_records": [dataclasses.asdict(s) for s in loaded.skipped]})
     print(result.format_tables())
     if result.n_used == 0:
         print("no fact was traced (the model knows none of them?): see 'skipped' in trace.json")
@@ -359,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="causal tracing (ROME): where the model stores facts, to choose edit layers")
     t.add_argument("model", help="world:<preset>, a local model folder or an HF id")
     t.add_argument("--data", default=None, help="edit records (default: the world's counterfact.json)")
+    t.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="malformed records in --data: raise (default) or skip and report them (as data.on_error)")
     t.add_argument("--n-facts", type=int, default=50, help="facts sampled from the data (seeded)")
     t.add_argument("--samples", type=int, default=3, help="noise samples per fact")
     t.add_argument("--noise", type=float, default=None, help="noise std (default 3 x subject embedding std)")

@@ -268,3 +268,33 @@ def test_cli_trace_smoke(tmp_path, capsys):
     assert "--data is required" in capsys.readouterr().err
     assert main(["trace", str(model_dir), "--data", str(data), "--kinds", "hidden,resid"]) == 2
     assert "'hidden,resid'" in capsys.readouterr().err
+
+
+def test_cli_trace_on_error_skips_and_reports_malformed_records(tmp_path, capsys):
+    from seqedit.cli import main
+    from tests_support import make_tiny_gpt2
+    from tests_support import make_tokenizer as support_tokenizer
+
+    tok = support_tokenizer()
+    model_dir = tmp_path / "model"
+    make_tiny_gpt2(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    # zsRE records (MEND layout); two have an empty `alt`, as in the published eval file
+    people = ["Danora Keltiss", "Bramwick Oltey", "Selvane Irtu", "Kelmo Rastavin"]
+    rows = [{"subject": p, "src": f"Which sport does {p} play?", "pred": "hockey", "alt": "" if i in (1, 3) else
+             "tennis", "answers": ["hockey"], "rephrase": f"What sport does {p} play?",
+             "loc": "nq question: who plays the flute", "loc_ans": "Ivo Parnassek"} for i, p in enumerate(people)]
+    data = tmp_path / "zsre_mend_eval.json"
+    data.write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    base = ["trace", str(model_dir), "--data", str(data), "--samples", "1", "--kinds", "hidden", "--out", str(out),
+            "--include-unknown"]
+    assert main(base) == 2  # the default is the loaders' default: the file is refused, naming the record
+    err = capsys.readouterr().err
+    assert "record 1" in err and "'alt' is empty" in err and "--on-error skip" in err
+    assert main([*base, "--on-error", "skip"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 malformed record(s) of 4" in err
+    assert "record 1: field 'alt' is empty" in err and "record 3: field 'alt' is empty" in err
+    saved = json.loads((out / "trace.json").read_text())
+    assert [s["index"] for s in saved["skipped_records"]] == [1, 3] and saved["n_used"] == 2
