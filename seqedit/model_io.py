@@ -149,6 +149,7 @@ def load_model(
     else:
         model, tokenizer, arch = _load_hf(cfg, dtype, device)
 
+    check_vocabulary(tokenizer, model, name)
     model.eval()
     model.requires_grad_(False)
     _fix_padding(tokenizer, model, name)
@@ -237,6 +238,27 @@ def _load_hf(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> tupl
     if device_map is None:
         model = model.to(device)
     return model, tokenizer, arch
+
+
+def check_vocabulary(tokenizer: Any, model: nn.Module, name: str) -> None:
+    """Refuse a tokenizer that can produce ids the model has no embedding row for.
+
+    Such a pair loads fine and fails much later (an index error in the first forward pass, or worse on CUDA, a
+    device-side assert). More rows than tokens is normal (GPT-J pads 50,257 tokens to 50,400 rows) and accepted."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:  # not an nn.Embedding: nothing to compare with
+        return
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    # len() counts added tokens; the largest id also catches a vocabulary with gaps in its ids.
+    size = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
+    if size > rows:
+        raise ModelLoadError(
+            f"model.name={name!r}: the tokenizer has {size} tokens (ids 0..{size - 1}) but the model's input "
+            f"embedding has {rows} rows (ids 0..{rows - 1}): they were not saved together. Put the tokenizer the "
+            "model was trained with next to it (save_pretrained into the model folder), or resize the model "
+            "(model.resize_token_embeddings(len(tokenizer))) and save it again"
+        )
 
 
 def _fix_padding(tokenizer: Any, model: nn.Module, name: str) -> None:

@@ -285,3 +285,23 @@ def test_cuda_device_loads_straight_onto_the_gpu(saved, monkeypatch):
     lm = load_model(ModelConfig(name=str(saved["gpt2"][0]), device="cuda", dtype="float16"))
     assert seen[0]["device_map"] == {"": "cuda:0"} and seen[0]["dtype"] == torch.float16
     assert lm.device == torch.device("cpu") and lm.dtype == torch.float16
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused_at_load(tmp_path):
+    from tests_support import make_tokenizer
+
+    folder = tmp_path / "mismatched"
+    fx.tiny_model("gpt2").save_pretrained(folder)  # 128 embedding rows
+    big = make_tokenizer(vocab_size=300)  # trained separately: ids up to ~300
+    big.save_pretrained(folder)
+    n = len(big)
+    assert n > fx.VOCAB
+    with pytest.raises(ModelLoadError) as info:
+        load_model(ModelConfig(name=str(folder), device="cpu"))
+    msg = str(info.value)
+    assert f"tokenizer has {n} tokens" in msg and f"embedding has {fx.VOCAB} rows" in msg and str(folder) in msg
+    # Fewer tokens than rows is how real checkpoints pad their embeddings: accepted, and the ids do run.
+    fx.tiny_tokenizer().save_pretrained(folder)
+    lm = load_model(ModelConfig(name=str(folder), device="cpu"))
+    assert len(lm.tokenizer) < fx.VOCAB
+    lm.model(**lm.tokenizer("The capital of France is Paris.", return_tensors="pt"))
