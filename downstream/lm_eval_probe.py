@@ -41,6 +41,7 @@ from seqedit.downstream.suites import (
     resolve_tasks,
     unknown_task_error,
 )
+from seqedit.paths import expand_optional
 from seqedit.probe_api import ProbeContext, ProbeResult, register_probe
 
 log = logging.getLogger(__name__)
@@ -325,6 +326,8 @@ class DownstreamProbe:
         lm_eval_log_level: str = "ERROR"  # lm-eval logs per-call warnings (model not a str, few-shot overrides)
 
         def __post_init__(self) -> None:
+            for key in ("data_dir", "heldout_path", "local_data_dir"):  # ~ expanded once, here (seqedit.paths)
+                object.__setattr__(self, key, expand_optional(getattr(self, key)))
             if self.limit is not None and self.limit < 1:
                 raise ValueError(f"limit={self.limit}; must be >= 1 or null")
             if self.batch_size < 1:

@@ -739,7 +739,7 @@ class LocateEditor(BaseEditor):
         A callable in `ctx.extras["stats_progress"]` receives (done, total) while statistics are built."""
         ctx = self._ctx(model)
         progress = ctx.extras.get("stats_progress") if isinstance(ctx.extras, Mapping) else None
-        sources = tuple(Path(src).expanduser() for src in self.config.stats.source) or ctx.stats_text
+        sources = tuple(Path(src) for src in self.config.stats.source) or ctx.stats_text  # ~ expanded by StatsSpec
         return layer_second_moments(model, tokenizer, ctx.arch, list(layers), sources, spec=self.config.stats,
                                     cache_dir=ctx.cache_dir, progress=progress if callable(progress) else None)
 

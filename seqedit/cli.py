@@ -223,6 +223,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from seqedit.data import DataError, load_requests, order_requests
     from seqedit.io import atomic_write_json
     from seqedit.model_io import load_model
+    from seqedit.paths import expand_source, expand_user
     from seqedit.trace import KINDS, save_heatmaps, trace
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -233,7 +234,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-facts must be >= 1, got {args.n_facts}")
     t0 = time.perf_counter()
     lm = load_model(ModelConfig(name=args.model, device=args.device, dtype=args.dtype), progress=_say)
-    data = args.data
+    data = expand_source(args.data) if args.data is not None else None
     if data is None:
         if lm.world is None:
             raise ValueError(f"--data is required for {args.model!r} (only world:<preset> models bring their own "
@@ -256,7 +257,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
                    window=args.window, batch_size=args.batch_size, measure=args.measure,
                    known_only=not args.include_unknown, seed=args.seed)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", args.model).strip("-.") or "model"
-    out = Path(args.out) if args.out else Path("runs") / f"trace-{slug}"
+    out = Path(expand_user(args.out)) if args.out else Path("runs") / f"trace-{slug}"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "trace.json", {"model": args.model, "data": data, **result.to_dict(),
                                            "skipped_records": [dataclasses.asdict(s) for s in loaded.skipped]})

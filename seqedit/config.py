@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from seqedit.builder import ConfigError, build_dataclass, coerce
+from seqedit.paths import expand_optional, expand_source, expand_user
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,10 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.name, str):  # a local folder may be given as ~/models/x (hub ids never start with ~)
+            object.__setattr__(self, "name", expand_user(self.name))
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,10 @@ class DataConfig:
     start: int = 0  # slice of the ordered stream
     stop: int | None = None
     unique_subjects: bool = False  # keep the first request per subject (as the forgetting studies do)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, str):  # ~/cf.json and hf:~/saved-dataset alike (seqedit.paths)
+            object.__setattr__(self, "source", expand_source(self.source))
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,12 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.runs_dir, str):
+            object.__setattr__(self, "runs_dir", expand_user(self.runs_dir))
+        if self.cache_dir is None or isinstance(self.cache_dir, str):
+            object.__setattr__(self, "cache_dir", expand_optional(self.cache_dir))
 
     def to_dict(self) -> dict[str, Any]:
         d = _to_plain(self)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seqedit.paths import expand_source
 from seqedit.types import EditRequest
 
 log = logging.getLogger(__name__)
@@ -448,7 +449,8 @@ def load_requests(
     if zsre_target not in ZSRE_TARGETS:
         raise ValueError(f"unknown zsre_target {zsre_target!r}; allowed: {', '.join(ZSRE_TARGETS)}")
 
-    source_str = str(source)
+    source_str = expand_source(str(source))  # as DataConfig does, for callers of the API (seqedit.paths)
+    source = source_str
     lines: dict[int, int] = {}
     if source_str.startswith("hf:") or format == "hf":
         # format="hf" also takes a bare "<name_or_path>[:<split>]"

@@ -7,7 +7,6 @@ and what is allowed. It returns what it learned (layer count, architecture, the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -128,7 +127,7 @@ def _check_editor_stats(cfg: RunConfig, is_world: bool) -> None:
         return
     if stats.source:
         try:
-            check_sources([str(Path(s).expanduser()) for s in stats.source])
+            check_sources(list(stats.source))  # already expanded (StatsSpec)
         except StatsError as e:
             raise PreflightError(f"editor.stats.source={list(stats.source)!r}: {e}") from e
     elif not is_world:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from seqedit.metrics import evaluate_requests, mean_of
+from seqedit.paths import expand_optional
 from seqedit.probe_api import ProbeContext, ProbeResult, register_probe
 from seqedit.scoring import pad_batch, score_targets
 
@@ -146,9 +147,12 @@ class PerplexityProbe(_ConfiguredProbe):
 
     @dataclass(frozen=True)
     class Config:
-        path: str | None = None
-        max_docs: int = 200
-        batch_size: int = 32
+        path: str | None = None  # text file, one document per line; default: the world's held-out text
+        max_docs: int = 200  # first non-blank lines used
+        batch_size: int = 32  # documents per forward pass
+
+        def __post_init__(self) -> None:
+            object.__setattr__(self, "path", expand_optional(self.path))
 
     def _setup(self) -> None:
         self._docs: list[list[int]] | None = None

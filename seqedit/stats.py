@@ -27,6 +27,7 @@ from torch import nn
 from seqedit.archs import ArchSpec, get_module, in_features
 from seqedit.hooks import capture_inputs
 from seqedit.io import file_sha256
+from seqedit.paths import expand_source
 from seqedit.scoring import pad_batch
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class StatsSpec:
     max_length: int | None = None  # tokens per document; None = the model's context size
 
     def __post_init__(self) -> None:
+        # ~ expanded once, here: the cache key, preflight and the loaders all see the real path (seqedit.paths)
+        object.__setattr__(self, "source", tuple(expand_source(s) if isinstance(s, str) else s for s in self.source))
         if self.unit not in UNITS:
             raise ValueError(f"statistics sample unit {self.unit!r} is not allowed; allowed: {', '.join(UNITS)}")
         if self.dtype not in DTYPES:

@@ -50,6 +50,7 @@ from typing import Any
 from seqedit.config import (ConfigError, EditorSection, RunConfig, apply_overrides, build_dataclass, dump_yaml,
                             from_dict, load_config, parse_override, read_tree, set_dotted)
 from seqedit.io import atomic_write_json, atomic_write_text
+from seqedit.paths import expand_user
 from seqedit.registry import did_you_mean
 
 EXECUTORS = ("serial", "pool", "submitit-local", "slurm")
@@ -328,7 +329,9 @@ def plan_sweep(config: str | Path | None, overrides: Sequence[str] = (), grid: S
     digest = hashlib.sha256(_canon({"axes": [[a.key, list(a.values)] for a in axes],
                                     "runs": [p.config_hash for p in points]}).encode()).hexdigest()[:8]
     sweep_id = f"{sweep_name}-{digest}"
-    root = Path(sweep_dir) if sweep_dir is not None else Path(str(base.get("runs_dir", "runs"))) / "sweeps" / sweep_id
+    # base is the raw tree: its runs_dir has not been through RunConfig, so ~ is expanded here (seqedit.paths)
+    root = (Path(expand_user(str(sweep_dir))) if sweep_dir is not None
+            else Path(expand_user(str(base.get("runs_dir", "runs")))) / "sweeps" / sweep_id)
     root = root.absolute()
     # one wandb group per sweep (an explicit wandb.group is kept; it cannot be an axis, so all points share it)
     group = configs[points[0].point_id].wandb.group or sweep_id
