@@ -180,6 +180,11 @@ def _check_probes(cfg: RunConfig, world: Any) -> None:
     for i, spec in enumerate(cfg.probes):
         probe = make_probe(spec.name, spec.options)  # suite and bundled task names resolve here (did-you-mean)
         if not isinstance(probe, DownstreamProbe):
+            if hasattr(probe, "check") and not unbuilt_world:  # an unbuilt world's files come with its build
+                try:
+                    probe.check(world)  # e.g. perplexity: a text to score
+                except ValueError as e:
+                    raise PreflightError(f"probes[{i}] ({spec.name}): {e}") from e
             continue
         if unbuilt_world:
             # The build writes the world tasks' files: check the other tasks now, the driver checks all later.

@@ -157,12 +157,29 @@ class PerplexityProbe(_ConfiguredProbe):
     def _setup(self) -> None:
         self._docs: list[list[int]] | None = None
 
-    def _load(self, ctx: ProbeContext) -> list[list[int]]:
-        path = self.config.path or (ctx.world.heldout_path if ctx.world is not None else None)
+    def text_path(self, world: Any) -> Path:
+        """The file scored: `path`, else the world's held-out text. Raises ValueError naming the probe entry's
+        `path` key (what a config can set: `probes: [{name: perplexity, path: ...}]`) when there is none."""
+        if world is not None and not hasattr(world, "heldout_path") and hasattr(world, "world"):
+            world = world.world  # a LoadedModel, as the driver passes it to check()
+        path = self.config.path or (getattr(world, "heldout_path", None) if world is not None else None)
         if path is None:
-            raise ValueError("probe perplexity: set probes[].options.path to a text file (one document per line); "
-                             "there is no world held-out text for this model")
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()][: self.config.max_docs]
+            raise ValueError(
+                "probe perplexity: no text to score (the model is not a world model, so there is no held-out text); "
+                "give the probe a text file, one document per line, in its `path` key: "
+                "probes=[{name: perplexity, path: /data/heldout.txt}]")
+        if not Path(path).is_file():
+            raise ValueError(f"probe perplexity: path {str(path)!r} is not a file; give a text file, one document "
+                             "per line")
+        return Path(path)
+
+    def check(self, world: Any = None) -> None:
+        """Before the run starts (preflight, driver): there is a text to score."""
+        self.text_path(world)
+
+    def _load(self, ctx: ProbeContext) -> list[list[int]]:
+        path = self.text_path(ctx.world)
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()][: self.config.max_docs]
         limit = getattr(ctx.model.config, "n_positions", None) or getattr(ctx.model.config, "max_position_embeddings",
                                                                            1024)
         return [ctx.tokenizer(ln)["input_ids"][:limit] for ln in lines]

@@ -206,6 +206,25 @@ def test_downstream_label_outside_the_choices_fails_before_a_run_dir(assets, tmp
     assert not (tmp_path / "runs").exists()
 
 
+def test_perplexity_without_text_names_a_key_the_config_accepts(assets, tmp_path):
+    import re
+
+    msg = fails(config(assets, tmp_path, "probes=[{name: perplexity, schedule: never}]"), "probes[0] (perplexity)",
+                "no text to score")
+    assert not (tmp_path / "runs").exists()
+    # The message shows the override to write; written as shown (with a real file), it is accepted and passes.
+    (suggested,) = re.findall(r"probes=\[\{name: perplexity, [a-z_]+: [^}]+\}\]", msg)
+    text = tmp_path / "held.txt"
+    text.write_text("one document\nanother document\n")
+    key = re.search(r"name: perplexity, ([a-z_]+):", suggested).group(1)
+    assert key == "path"
+    cfg = config(assets, tmp_path, re.sub(r": /[^}]+\}", f": {text}}}", suggested))
+    assert dict(cfg.probes[0].options)["path"] == str(text)
+    preflight(cfg)
+    fails(config(assets, tmp_path, f"probes=[{{name: perplexity, path: {tmp_path / 'nope.txt'}}}]"),
+          "nope.txt' is not a file")
+
+
 # -- statistics text of the locate-then-edit editors ---------------------------------------------------------------
 
 
