@@ -120,6 +120,9 @@ class WandbConfig:
     entity: str | None = None
     group: str | None = None
     tags: tuple[str, ...] = ()
+    # online only: how long wandb.init may take (wandb's own default is 90 s). An unreachable server then costs
+    # this long once, and the run logs offline instead (`seqedit push-wandb RUN_DIR` uploads it later).
+    init_timeout_s: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,7 @@ class RunConfig:
 # often it saves, where wandb mirrors it. Everything else changes what the run computes and is refused on resume.
 RESUME_SAFE = (
     "threads", "runs_dir", "cache_dir", "wandb.mode", "wandb.project", "wandb.entity", "wandb.group", "wandb.tags",
+    "wandb.init_timeout_s",
     "telemetry.heartbeat_seconds", "telemetry.state_every", "checkpoint.snapshot_every", "checkpoint.keep_last",
     "checkpoint.milestones", "checkpoint.fsync",
 )
@@ -309,6 +313,8 @@ def validate(cfg: RunConfig) -> None:
     for key, least in MINIMUMS.items():
         if flat[key] < least:
             raise ConfigError(f"{key}: {flat[key]} must be >= {least}")
+    if not flat["wandb.init_timeout_s"] > 0:
+        raise ConfigError(f"wandb.init_timeout_s: {flat['wandb.init_timeout_s']} must be > 0 (seconds)")
     for key in ("guard.max_update_norm", "guard.max_update_rel"):
         value = flat[key]
         if value is not None and not value > 0:

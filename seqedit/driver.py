@@ -412,11 +412,14 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             sinks = Sinks(
                 JsonlSink(run_dir / "telemetry"),
                 WandbSink(run_id=state.wandb_id, run_dir=run_dir, mode=cfg.wandb.mode, project=cfg.wandb.project,
-                          entity=cfg.wandb.entity, group=cfg.wandb.group,
+                          entity=cfg.wandb.entity, group=cfg.wandb.group, init_timeout_s=cfg.wandb.init_timeout_s,
                           tags=(*cfg.wandb.tags, editor.name, loaded.name, f"seed{cfg.seed}"),
                           config={**cfg.to_dict(), "config_hash": cfg.config_hash()}, name=run_dir.name),
                 state,
             )
+            if sinks.wandb.note:  # e.g. online init timed out: logging offline, push later
+                say(sinks.wandb.note)
+                event(run_dir, "wandb_offline", note=sinks.wandb.note)
             score = dict(paraphrase=cfg.eval.paraphrase, neighborhood=cfg.eval.neighborhood,
                          batch_size=cfg.eval.batch_size)
             milestone = parse_schedule(cfg.checkpoint.milestones)

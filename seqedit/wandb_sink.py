@@ -32,20 +32,42 @@ class WandbSink:
         config: Mapping[str, Any] | None = None,
         name: str | None = None,
         resume: str = "allow",
+        init_timeout_s: float | None = None,
+        offline_fallback: bool = True,
     ) -> None:
+        """`init_timeout_s` bounds an online wandb.init (None: wandb's default, 90 s); if an online init fails
+        (timeout, no network, not logged in) and `offline_fallback`, the sink logs offline instead and `note` says
+        so and how to upload the run later."""
         self.run = None
         self.failed = False
         self.mode = mode
+        self.note: str | None = None  # what the caller should tell the user (an offline fallback)
         if mode == "disabled":
             return
         try:
             import wandb
 
-            self.run = wandb.init(
+            kwargs: dict[str, Any] = dict(
                 id=run_id, name=name or run_id, project=project, entity=entity, group=group, tags=list(tags),
-                config=dict(config or {}), dir=str(run_dir), mode=mode, resume=resume, job_type="edit-stream",
-                settings=wandb.Settings(console="off", silent=True),
+                config=dict(config or {}), dir=str(run_dir), resume=resume, job_type="edit-stream",
             )
+            timeout = {} if init_timeout_s is None else {"init_timeout": float(init_timeout_s)}
+            settings = wandb.Settings(console="off", silent=True, **timeout)
+            try:
+                self.run = wandb.init(mode=mode, settings=settings, **kwargs)
+            except Exception as e:  # noqa: BLE001 - whatever stopped the online init, offline still works
+                if mode != "online" or not offline_fallback:
+                    raise
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self.note = (
+                    f"wandb online init failed ({type(e).__name__}: {first}; wandb.init_timeout_s="
+                    f"{init_timeout_s if init_timeout_s is not None else 'wandb default'}): logging offline to "
+                    f"{run_dir}/wandb instead; upload the run later with `seqedit push-wandb {run_dir}` from a "
+                    "machine with network (the local JSONL telemetry is complete either way)")
+                log.warning("%s", self.note)
+                wandb.teardown()  # the failed run keeps its id registered in wandb's service until torn down
+                self.mode = "offline"
+                self.run = wandb.init(mode="offline", settings=wandb.Settings(console="off", silent=True), **kwargs)
             self.run.define_metric("edit/index")
             self.run.define_metric("*", step_metric="edit/index")
         except Exception as e:  # noqa: BLE001 - any failure must not stop the run
@@ -222,7 +244,8 @@ def push_wandb(run_dir: str | Path, *, mode: str = "online", project: str | None
     records.sort(key=lambda t: t[0])
     sink = WandbSink(run_id=state["wandb_id"], run_dir=run_dir, mode=mode, project=project or wcfg.get(
         "project", "seqedit"), entity=entity or wcfg.get("entity"), group=wcfg.get("group"),
-        tags=tuple(wcfg.get("tags", ())), config=cfg, name=state["run_id"])
+        tags=tuple(wcfg.get("tags", ())), config=cfg, name=state["run_id"],
+        offline_fallback=False)  # a push is for reaching the server: failing is the honest answer
     if sink.failed:
         raise RuntimeError("wandb could not be initialised; see the warning above")
     for _, stream, record in records:

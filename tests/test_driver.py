@@ -184,6 +184,28 @@ def test_wandb_failure_does_not_stop_the_run(assets, tmp_path, monkeypatch, capl
     assert sum("wandb init failed" in r.message for r in caplog.records) == 1
 
 
+def test_wandb_online_without_network_falls_back_to_offline_within_the_timeout(assets, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://192.0.2.1:9")  # TEST-NET-1 (RFC 5737): never routed anywhere
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # logged in, so the init really tries the server
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    said: list[str] = []
+    t0 = time.perf_counter()
+    summary = run(config(assets, tmp_path, "editor.name=noop", "n_edits=2", "wandb.mode=online",
+                         "wandb.init_timeout_s=2"), progress=said.append)
+    seconds = time.perf_counter() - t0
+    assert summary.status == "finished"
+    assert seconds < 20, f"wandb init took {seconds:.1f} s despite init_timeout_s=2 (wandb's default is 90 s)"
+    (note,) = [e["note"] for e in read_jsonl(summary.run_dir / "events.jsonl") if e["event"] == "wandb_offline"]
+    assert "logging offline" in note and f"seqedit push-wandb {summary.run_dir}" in note and "init_timeout_s=2" in note
+    assert note in said
+    history = _history_eventually(summary.run_dir)  # the offline run holds the telemetry, ready to be pushed
+    assert [h["edit/index"] for h in history if "immediate/efficacy" in h] == [1, 2]
+
+
 def test_nonfinite_delta_stops_cleanly(assets, tmp_path, monkeypatch):
     from seqedit.editors.random import RandomEditor
     from seqedit.types import EditProposal
