@@ -316,7 +316,7 @@ class DownstreamProbe:
         tasks: tuple[str, ...] = ("world",)  # suites (world, glue4, nli_mmlu_lite), bundled/local tasks, lm-eval names
         limit: int | None = None  # items per task; None = each suite's own limit (bare lm-eval tasks: 200)
         seed: int = 1234  # lm-eval's random/numpy/torch/few-shot seeds
-        batch_size: int = 32
+        batch_size: int = 32  # items per forward pass
         num_fewshot: int | None = None  # None = the task's default (0 for bundled tasks)
         log_items: bool = False  # per-item rows (lm-eval log_samples=True)
         max_length: int | None = None  # context cap; always <= the model's position limit

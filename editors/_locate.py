@@ -195,20 +195,20 @@ class ValueConfig:
     Defaults are ROME's gpt2-xl / gpt-j hparams; the MEMIT family's editors default to clamp_norm_factor 0.75."""
 
     num_grad_steps: int = 20  # iterations; the last only evaluates (20 → at most 19 Adam updates)
-    lr: float = 0.5
+    lr: float = 0.5  # Adam learning rate of δ
     # None: the model's own logits (the original ROME always scores with them; MEMIT's ln_f + lm_head on the last
     # block's output is the same thing); a layer: ln_f + lm_head on that block's output (a deviation, recorded).
     loss_layer: int | None = None
     weight_decay: float = 0.5  # × ‖δ‖ / ‖v0‖² (unsquared norm, as in the reference code)
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v0‖ after every step
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 5e-2
+    kl_factor: float = 0.0625  # weight of the KL term that keeps the subject's other predictions (kl_prompts)
+    early_stop_loss: float = 5e-2  # stop once the total loss is below this
     # ENCORE's most-probable early stopping (MPES): < 0 stops once the target is the argmax at every target position
     # of the rewriting prompts (the first, bare prompt excluded, as in the published code) for |prob_cutoff| steps
     # in all (not necessarily consecutive, as published); > 0 stops once the mean target probability exceeds it;
     # 0 = off (ROME, MEMIT, EMMET, AlphaEdit).
     prob_cutoff: float = 0.0
-    kl_prompts: tuple[str, ...] = ("{} is a",)
+    kl_prompts: tuple[str, ...] = ("{} is a",)  # prompts of the KL term ("{}" = the subject)
     # Requests whose z is optimised together in one forward pass (the MEMIT family): memory, not results, depends
     # on it (each request follows its own trajectory); 10,000-request EMMET batches run in chunks of this size.
     batch_requests: int = 128
@@ -756,11 +756,12 @@ class SpreadConfig:
     layers: tuple[int, ...] | None = None  # None = BaseEditor default (one layer below the middle)
     value: ValueConfig = field(default_factory=lambda: ValueConfig(clamp_norm_factor=0.75))
     stats: StatsSpec = field(default_factory=StatsSpec)
+    # context templates: "{}" + (count, tokens) samples from the unedited model after each prefix
     context_template_length_params: tuple[tuple[int, int], ...] = ((10, 5),)
-    context_template_prefixes: tuple[str, ...] = MEMIT_PREFIXES
+    context_template_prefixes: tuple[str, ...] = MEMIT_PREFIXES  # first words of the sampled templates
     context_templates: tuple[str, ...] | None = None  # explicit templates (first must be "{}"); None = generate
     key_average: str = "groups"  # groups (compute_ks, published) | templates (uniform, ROME's k*)
-    solver: str = "solve"  # SYSTEM_SOLVERS: solve (torch.linalg.solve, published) | cholesky | lstsq
+    solver: str = "solve"  # solve (torch.linalg.solve, published) | cholesky | lstsq
     solve_dtype: str = "float64"  # the published MEMIT / EMMET / ENCORE solves are float64
     ridge: float = 0.0  # λ in C + λ·(tr C/d)·I before use; 0 = published (no ridge)
 

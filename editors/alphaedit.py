@@ -29,9 +29,10 @@ ALPHAEDIT_SOLVERS = ("solve", "lstsq")  # the system matrix P(KKᵀ + C_p) + αI
 
 @dataclass(frozen=True)
 class AlphaEditConfig(SpreadConfig):
+    # P projects onto the singular vectors of C whose singular value is below this (absolute, as published)
     nullspace_threshold: float = 2e-2
     L2: float = 10.0  # α (EasyEdit llama3-8b.yaml: 1)
-    solver: str = "solve"
+    solver: str = "solve"  # solve | lstsq (the system P(KKᵀ + C_p) + αI is not symmetric)
     solve_dtype: str = "float32"  # the published solve is float32
     SOLVERS: ClassVar[tuple[str, ...]] = ALPHAEDIT_SOLVERS
 

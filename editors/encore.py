@@ -26,7 +26,7 @@ from seqedit.editors.memit import MemitConfig, MemitEditor
 class EncoreConfig(MemitConfig):
     value: ValueConfig = field(default_factory=lambda: ValueConfig(clamp_norm_factor=0.75, prob_cutoff=-4))
     update_norm_lambda: float = 10.0  # μ (gpt2-xl, llama2; llama3-8b 20)
-    add_prev_edits: bool = True
+    add_prev_edits: bool = True  # Σ K_p K_pᵀ of earlier calls in the solve (the keys of earlier edits preserved)
 
     def __post_init__(self) -> None:
         super().__post_init__()

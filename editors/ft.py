@@ -23,12 +23,12 @@ from seqedit.types import EditProposal, EditRequest
 class FineTuneEditor(BaseEditor):
     @dataclass(frozen=True)
     class Config:
-        layers: tuple[int, ...] | None = None
-        lr: float = 5e-3
-        num_steps: int = 25
+        layers: tuple[int, ...] | None = None  # None = the layer below the middle
+        lr: float = 5e-3  # Adam learning rate
+        num_steps: int = 25  # optimisation steps per editor call
         norm_constraint: float | None = 5e-3  # L∞ bound on W - W0; None = unconstrained FT
         objective: str = "prompt_last"  # prompt_last (FT-L) | teacher_forced (FT-M)
-        early_stop_loss: float = 1e-2
+        early_stop_loss: float = 1e-2  # stop once the loss is below this
 
         def __post_init__(self) -> None:
             if self.objective not in ("prompt_last", "teacher_forced"):

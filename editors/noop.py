@@ -16,7 +16,7 @@ from seqedit.types import EditProposal, EditRequest
 class NoopEditor(BaseEditor):
     @dataclass(frozen=True)
     class Config:
-        layers: tuple[int, ...] | None = None
+        layers: tuple[int, ...] | None = None  # parameters it declares (and leaves unchanged); None = below the middle
 
     def compute(self, model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest]) -> EditProposal:
         deltas = {n: torch.zeros_like(model.get_parameter(n), dtype=torch.float32) for n in self.params(model)}

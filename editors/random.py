@@ -28,11 +28,11 @@ def _seed_for(*parts: object) -> int:
 class RandomEditor(BaseEditor):
     @dataclass(frozen=True)
     class Config:
-        layers: tuple[int, ...] | None = None
+        layers: tuple[int, ...] | None = None  # None = the layer below the middle
         relative_norm: float = 0.01  # ‖ΔW‖_F / ‖W0‖_F per request (used when `norm` is None)
         norm: float | None = None  # absolute ‖ΔW‖_F per request
         spike_probability: float = 0.0  # fraction of requests turned into disabling edits
-        spike_factor: float = 100.0
+        spike_factor: float = 100.0  # a disabling edit's norm, in multiples of the usual one
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.spike_probability <= 1.0:

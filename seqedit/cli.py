@@ -1,5 +1,5 @@
 """`seqedit` command line: run, sweep, resume, status, export, report, world build|info, trace, push-wandb,
-list-editors."""
+list-editors, list-probes."""
 from __future__ import annotations
 
 import argparse
@@ -278,7 +278,24 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_list_editors(args: argparse.Namespace) -> int:
     from seqedit.editors.base import list_editors
 
-    print("\n".join(list_editors()))
+    if args.options or args.names:
+        from seqedit.options import editor_docs, options_text
+
+        print(options_text(editor_docs(args.names)), end="")
+    else:
+        print("\n".join(list_editors()))
+    return 0
+
+
+def cmd_list_probes(args: argparse.Namespace) -> int:
+    from seqedit.probe_api import list_probes
+
+    if args.options or args.names:
+        from seqedit.options import options_text, probe_docs
+
+        print(options_text(probe_docs(args.names)), end="")
+    else:
+        print("\n".join(list_probes()))
     return 0
 
 
@@ -392,8 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="output folder (default runs/trace-<model>)")
     t.set_defaults(func=cmd_trace)
 
-    e = sub.add_parser("list-editors", help="list registered editors")
+    e = sub.add_parser("list-editors", help="list registered editors (--options: every option, its type, default "
+                       "and meaning)")
+    e.add_argument("names", nargs="*", help="only these editors (implies --options)")
+    e.add_argument("--options", action="store_true", help="list each editor's options (editor.<key>)")
     e.set_defaults(func=cmd_list_editors)
+    lp = sub.add_parser("list-probes", help="list registered probes (--options: every option, its type, default "
+                        "and meaning)")
+    lp.add_argument("names", nargs="*", help="only these probes (implies --options)")
+    lp.add_argument("--options", action="store_true", help="list each probe's options (keys of its probes: entry)")
+    lp.set_defaults(func=cmd_list_probes)
     return p
 
 

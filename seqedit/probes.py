@@ -65,8 +65,8 @@ class RetentionProbe(_ConfiguredProbe):
     class Config:
         sample: int | None = None  # None = every applied edit
         batch_size: int = 128  # prompts per forward pass (128 was fastest on world:small on 2 CPU cores)
-        paraphrase: bool = True
-        neighborhood: bool = True
+        paraphrase: bool = True  # also score the paraphrase prompts
+        neighborhood: bool = True  # also score the neighbourhood prompts
 
     def __call__(self, ctx: ProbeContext) -> ProbeResult:
         n = len(ctx.applied)
@@ -110,8 +110,8 @@ class UneditedRecallProbe(_ConfiguredProbe):
 
     @dataclass(frozen=True)
     class Config:
-        sample: int = 200
-        batch_size: int = 64
+        sample: int = 200  # facts in the pool, drawn once per run (seeded)
+        batch_size: int = 64  # prompts per forward pass
 
     def _setup(self) -> None:
         self._pool: list[tuple[str, ...]] | None = None  # (prompt, object[, subject])
@@ -226,9 +226,9 @@ class GenerationEntropyProbe(_ConfiguredProbe):
 
     @dataclass(frozen=True)
     class Config:
-        n_prompts: int = 10
-        max_new_tokens: int = 40
-        top_k: int = 5
+        n_prompts: int = 10  # the first generation prompt of the stream's first requests
+        max_new_tokens: int = 40  # tokens generated per prompt
+        top_k: int = 5  # top-k sampling (CounterFact's generate_fast)
 
     def _setup(self) -> None:
         self._prompts: list[str] | None = None

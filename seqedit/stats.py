@@ -55,7 +55,7 @@ class StatsSpec:
 
     # Text files / saved-dataset folders; () = the world's held-out text on a world model (required otherwise).
     source: tuple[str, ...] = ()
-    n_samples: int = 100_000
+    n_samples: int = 100_000  # sample size, counted in `unit` (100,000 documents as published)
     unit: str = "documents"  # documents | tokens: what n_samples counts
     dtype: str = "float32"  # accumulation and storage dtype: float32 (published) | float64
     batch_tokens: int = 8192  # padded tokens per forward pass
