@@ -249,16 +249,23 @@ def check_vocabulary(tokenizer: Any, model: nn.Module, name: str) -> None:
     rows = getattr(embedding, "num_embeddings", None)
     if rows is None:  # not an nn.Embedding: nothing to compare with
         return
+    problem = vocabulary_problem(tokenizer, rows, name)
+    if problem is not None:
+        raise ModelLoadError(problem)
+
+
+def vocabulary_problem(tokenizer: Any, rows: int, name: str) -> str | None:
+    """The refusal message when `tokenizer` has more tokens than `rows` embedding rows, else None (shared by
+    `check_vocabulary` and preflight, which compares with the config's vocab_size before any weights load)."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     # len() counts added tokens; the largest id also catches a vocabulary with gaps in its ids.
     size = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
-    if size > rows:
-        raise ModelLoadError(
-            f"model.name={name!r}: the tokenizer has {size} tokens (ids 0..{size - 1}) but the model's input "
+    if size <= rows:
+        return None
+    return (f"model.name={name!r}: the tokenizer has {size} tokens (ids 0..{size - 1}) but the model's input "
             f"embedding has {rows} rows (ids 0..{rows - 1}): they were not saved together. Put the tokenizer the "
             "model was trained with next to it (save_pretrained into the model folder), or resize the model "
-            "(model.resize_token_embeddings(len(tokenizer))) and save it again"
-        )
+            "(model.resize_token_embeddings(len(tokenizer))) and save it again")
 
 
 def _fix_padding(tokenizer: Any, model: nn.Module, name: str) -> None:

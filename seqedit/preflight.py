@@ -79,7 +79,7 @@ def _check_model(cfg: RunConfig) -> tuple[int, str, Any]:
         return wc.n_layer, spec_for_model_type("gpt2").name, world
 
     try:
-        config, _source, _kw, where = resolve_hf_config(cfg.model)  # AutoConfig only, never weights
+        config, source, kw, where = resolve_hf_config(cfg.model)  # AutoConfig only, never weights
         arch = arch_from_config(config, where)
     except ModelLoadError as e:
         raise PreflightError(_keyed("model.name", str(e))) from e
@@ -87,7 +87,28 @@ def _check_model(cfg: RunConfig) -> tuple[int, str, Any]:
         n = num_layers(SimpleNamespace(config=config))  # the rule editors apply to the loaded model
     except ValueError as e:
         raise PreflightError(f"model.name={cfg.model.name!r}: {where}: {e}") from e
+    _check_vocabulary(cfg, config, source, kw)
     return n, arch.name, None
+
+
+def _check_vocabulary(cfg: RunConfig, config: Any, source: str, kw: dict[str, Any]) -> None:
+    """The tokenizer against the config's vocab_size (the embedding rows), without weights: a mismatched pair is
+    refused before a run directory exists (model_io checks the loaded embedding again)."""
+    from transformers import AutoTokenizer
+
+    from seqedit.model_io import vocabulary_problem
+
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = getattr(text_config, "vocab_size", None)
+    if not isinstance(rows, int):
+        return
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
+    except (OSError, ValueError):  # unreadable tokenizer: loading the model reports it with its own message
+        return
+    problem = vocabulary_problem(tokenizer, rows, cfg.model.name)
+    if problem is not None:
+        raise PreflightError(problem)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -124,6 +124,20 @@ def test_hub_id_not_in_offline_cache(assets, tmp_path):
           "local path")
 
 
+def test_tokenizer_larger_than_the_model_vocabulary_fails_before_weights(assets, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mismatched"
+    shutil.copytree(assets / "model", folder)
+    big = make_tokenizer(vocab_size=400)
+    small_rows = transformers.AutoConfig.from_pretrained(folder).vocab_size
+    assert len(big) > small_rows
+    big.save_pretrained(folder)
+    fails(config(assets, tmp_path, f"model.name={folder}"), f"tokenizer has {len(big)} tokens",
+          f"embedding has {small_rows} rows")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unsupported_model_type(assets, tmp_path):
     folder = tmp_path / "bert-like"
     folder.mkdir()
