@@ -174,15 +174,20 @@ def _short(value: Any) -> str:
     return text[:48]
 
 
-def _editor_names(axes: Sequence[Axis], tree: Mapping[str, Any]) -> list[str]:
-    """The editors a sweep will build: from an editor.name / editor axis, else the base config's."""
+def _editor_names(axes: Sequence[Axis], tree: Mapping[str, Any], overrides: Sequence[str] = ()) -> list[str]:
+    """The editors a sweep will build: from an editor.name / editor axis, else an editor.name override, else the
+    base config's."""
+    default = EditorSection().name
     for ax in axes:
         if ax.key == "editor.name":
             return [str(v) for v in ax.values]
         if ax.key == "editor":
-            return [str(v.get("name", "ft")) if isinstance(v, Mapping) else str(v) for v in ax.values]
-    ed = tree.get("editor", "ft")
-    return [str(ed.get("name", "ft")) if isinstance(ed, Mapping) else str(ed)]
+            return [str(v.get("name", default)) if isinstance(v, Mapping) else str(v) for v in ax.values]
+    named = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "editor.name"]
+    if named:
+        return [named[-1]]  # the last override wins, as in load_config
+    ed = tree.get("editor", default)
+    return [str(ed.get("name", default)) if isinstance(ed, Mapping) else str(ed)]
 
 
 def check_key(axis: Axis, editor_names: Sequence[str]) -> None:
@@ -225,7 +230,7 @@ def check_key(axis: Axis, editor_names: Sequence[str]) -> None:
 def check_axes(axes: Sequence[Axis], overrides: Sequence[str], tree: Mapping[str, Any]) -> None:
     """Unknown keys, owned keys, duplicate or overlapping axes, axes also given as overrides, empty or repeated
     values: refused, naming the key."""
-    editors = _editor_names(axes, tree)
+    editors = _editor_names(axes, tree, overrides)
     seen: dict[str, Axis] = {}
     for ax in axes:
         if ax.key in seen:

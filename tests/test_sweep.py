@@ -82,7 +82,7 @@ def test_grid_in_yaml_with_executor_section(cache, tmp_path):
 
 @pytest.mark.parametrize("grid,overrides,message", [
     (["edtor.name=random,ft"], [], r"unknown config key 'edtor'.*Did you mean 'editor'"),
-    (["editor.num_step=1,2"], [], r"unknown config key 'editor.num_step' for editor\(s\) ft.*Did you mean 'num_steps'"),
+    (["editor.num_step=1,2"], ["editor.name=ft"], r"unknown config key 'editor.num_step' for editor\(s\) ft.*Did you mean 'num_steps'"),
     (["model.nme=a,b"], [], r"unknown config key 'model.nme'.*Did you mean 'name'"),
     (["seed=0,1", "seed=2"], [], r"axis 'seed' is given twice"),
     (["editor=ft,random", "editor.name=ft,rome"], [], r"axes 'editor' and 'editor.name' overlap"),
