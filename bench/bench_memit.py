@@ -126,10 +126,18 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated run labels to (re)run, then stop")
     ap.add_argument("--reuse-only", action="store_true",
                     help="read the finished runs only; configurations without one are listed as not run")
+    ap.add_argument("--set", action="append", default=[], metavar="EDITOR:KEY=VALUE",
+                    help="an override for one editor's runs (repeatable), e.g. memit:editor.solver=lstsq for a world "
+                         "layer whose C is exactly singular")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     batches = tuple(int(b) for b in args.batches.split(","))
+    for item in args.set:  # per-editor overrides join that editor's world options (so they name the runs too)
+        editor, sep, override = item.partition(":")
+        if not sep or editor not in WORLD_OPTIONS or "=" not in override:
+            sys.exit(f"--set {item!r}: expected EDITOR:KEY=VALUE with EDITOR one of {', '.join(WORLD_OPTIONS)}")
+        WORLD_OPTIONS[editor] = [*WORLD_OPTIONS[editor], override]
     todo = specs(args.model, args.layers, parts, args.cost_edits, args.seq_edits, batches)
     if args.only:
         todo = {k: v for k, v in todo.items() if k in set(args.only.split(","))}
@@ -143,7 +151,7 @@ def main() -> None:
     if args.only:
         return
     result: dict = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "model": args.model,
-                    "layers": args.layers, "run_seconds_this_call": seconds, "runs": {k: str(v) for k, v in runs.items()},
+                    "layers": args.layers, "editor_options": WORLD_OPTIONS, "run_seconds_this_call": seconds, "runs": {k: str(v) for k, v in runs.items()},
                     "not_run": not_run}
     if "cost" in parts:
         result["cost"] = {e: {str(b): (cost_row(runs[f"cost-{e}-b{b}"], b) if f"cost-{e}-b{b}" in runs else None)
@@ -175,7 +183,7 @@ def summarise(r: dict) -> None:
                 continue
             print(f"{k:>26}: {v['efficacy']:.2f} / {v['paraphrase']:.2f} / {v['neighborhood']:.3f}  {v['update_rel']}")
     if "sequential" in r:
-        print("\n2,000 edits in batches of 100 (final = after the last edit):")
+        print("\nsequential edits in batches of 100 (final = after the last edit):")
         for e, v in r["sequential"].items():
             if v is None:
                 print(f"{e:>10}: not run")

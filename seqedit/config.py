@@ -21,8 +21,8 @@ from seqedit.paths import expand_optional, expand_source, expand_user
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # HF id, local path, or "world:<preset>" (the embedded synthetic world, built on first use).
-    name: str = "world:small"
+    # HF id, local path, or "world:<preset>" (the synthetic world: shipped builds load at once, others build on first use).
+    name: str = "world:standard"
     revision: str | None = None  # pin a hub revision for reproducibility
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -414,7 +414,8 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
                 WandbSink(run_id=state.wandb_id, run_dir=run_dir, mode=cfg.wandb.mode, project=cfg.wandb.project,
                           entity=cfg.wandb.entity, group=cfg.wandb.group, init_timeout_s=cfg.wandb.init_timeout_s,
                           tags=(*cfg.wandb.tags, editor.name, loaded.name, f"seed{cfg.seed}"),
-                          config={**cfg.to_dict(), "config_hash": cfg.config_hash()}, name=run_dir.name),
+                          config={**cfg.to_dict(), "config_hash": cfg.config_hash(),
+                                  **({"world": state.world} if state.world else {})}, name=run_dir.name),
                 state,
             )
             if sinks.wandb.note:  # e.g. online init timed out: logging offline, push later

@@ -75,7 +75,7 @@ def test_shipped_default_config_loads():
     from seqedit.cli import default_config_path
 
     cfg = load_config(default_config_path())
-    assert cfg.model.name == "world:small" and cfg.data.source == "world"
+    assert cfg.model.name == "world:standard" and cfg.data.source == "world"
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "long_2000.yaml", "rrome_medium.yaml"])

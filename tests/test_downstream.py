@@ -324,7 +324,8 @@ def _check_world(world) -> dict:
     print(world.config.name, {k.removeprefix("downstream/"): round(v, 4) for k, v in m.items() if v is not None})
     report = world.report["downstream"]
     for task, key in (("world_facts", "facts_mc"), ("world_arithmetic", "arithmetic"), ("world_ordering", "ordering")):
-        assert m[f"downstream/{task}/acc"] == pytest.approx(report[key], abs=1e-4), task
+        # a near-tie may flip on another machine's CPU kernels (the shipped world was evaluated elsewhere)
+        assert m[f"downstream/{task}/acc"] == pytest.approx(report[key], abs=3e-3), task
     assert m["downstream/world_facts/acc"] >= 0.6
     assert m["downstream/world_arithmetic/acc"] >= 0.4 and m["downstream/world_ordering/acc"] >= 0.4
     assert 1.0 < m["downstream/world_perplexity/word_perplexity"] < 10_000
@@ -336,13 +337,10 @@ def test_world_tiny_tasks(tiny_world):
     _check_world(tiny_world)
 
 
-@pytest.mark.slow
-def test_world_small_tasks():
-    from seqedit.world import load_world, world_info
+def test_world_standard_tasks(tmp_path):
+    from seqedit.world import load_world
 
-    if not world_info("small")["built"]:
-        pytest.skip("world:small is not built (seqedit world build small)")
-    _check_world(load_world("small"))
+    _check_world(load_world("standard", cache_dir=tmp_path))  # the shipped build: nothing is built
 
 
 @pytest.mark.gpu

@@ -2,6 +2,8 @@
 names once installed (they are `seqedit.editors`, `seqedit.downstream`, `seqedit.analysis`)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 import tomllib
@@ -33,7 +35,20 @@ def test_wheel_contains_only_seqedit(wheel):
         assert module in names, module
     # the shipped default config is the real file, not a dangling link
     text = zipfile.ZipFile(wheel).read("seqedit/configs/default.yaml").decode()
-    assert "world:small" in text
+    assert "world:standard" in text
+    # the shipped worlds: every file their checksums list, byte for byte, and nothing else under shipped/
+    shipped = [n for n in names if n.startswith("seqedit/world/shipped/")]
+    expected = set()
+    for ck in (ROOT / "seqedit/world/shipped").glob("*/checksums.json"):
+        preset = ck.parent.name
+        listed = json.loads(ck.read_text())["files"]
+        expected |= {f"seqedit/world/shipped/{preset}/{rel}" for rel in [*listed, "checksums.json"]}
+        data = zipfile.ZipFile(wheel).read(f"seqedit/world/shipped/{preset}/model.safetensors")
+        assert hashlib.sha256(data).hexdigest() == listed["model.safetensors"]
+    assert "seqedit/world/shipped/standard/model.safetensors" in expected
+    assert set(shipped) == expected, set(shipped) ^ expected
+    size = wheel.stat().st_size
+    assert size < 40e6, f"wheel is {size / 1e6:.1f} MB"
 
 
 def test_top_level_names_are_not_importable(tmp_path):

@@ -1,8 +1,11 @@
-"""The embedded synthetic world (generator, tokenizer, tiny GPT-2), built on first use and cached.
+"""The embedded synthetic world (generator, tokenizer, small GPT-2): shipped builds load at once, others are built
+on first use and cached.
 
-`load_world("small")` returns a `World` (model in eval mode, tokenizer, report, paths of the CounterFact records,
-downstream JSONL tasks and held-out text). Nothing is downloaded: the world is generated from a seed and a GPT-2 is
-trained on it once, into `$SEQEDIT_CACHE` (default `~/.cache/seqedit`) `/worlds/<preset>-<config hash>/`.
+`load_world("standard")` (the shipped default) or `load_world("small")` (built on first use) returns a `World`
+(model in eval mode, tokenizer, report, paths of the CounterFact records, downstream JSONL tasks and held-out text).
+Nothing is downloaded: a world is generated from a seed and a GPT-2 is trained on it once, either by the maintainers
+(shipped as package data, seqedit/world/shipped/) or locally into `$SEQEDIT_CACHE` (default `~/.cache/seqedit`)
+`/worlds/<preset>-<config hash>/`.
 Importing this package is cheap; torch and transformers load when a world is built or loaded.
 """
 from __future__ import annotations
