@@ -161,10 +161,35 @@ def main() -> None:
                                  for k in CALIBRATION}
     if "sequential" in parts:
         result["sequential"] = {e: sequential_row(runs[f"seq-{e}"]) if f"seq-{e}" in runs else None for e in EDITORS}
+        for e, row in result["sequential"].items():
+            if row and row["control_recall"] and row["control_recall"][-1][0] < (row["edits"] or 0):
+                row["control_recall_at_end"] = [row["edits"], control_at_end(runs[f"seq-{e}"], args.model)]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     summarise(result)
+
+
+def control_at_end(run: Path, model: str) -> float | None:
+    """Never-edited control recall after the last edit, when the run's own `unedited` probe did not fire there: the
+    edited model as `seqedit export` writes it, scored by the same probe (same seeded pool of 200 control facts)."""
+    import subprocess
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from seqedit.model_io import world_preset
+    from seqedit.probe_api import ProbeContext, make_probe
+    from seqedit.world import load_world
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([str(Path(sys.executable).with_name("seqedit")), "export", str(run), "--out", f"{tmp}/m"],
+                       check=True, capture_output=True)
+        world = load_world(world_preset(model))
+        edited = AutoModelForCausalLM.from_pretrained(f"{tmp}/m").eval()
+        probe = make_probe("unedited", {})  # the control subjects are never edited, so no request is filtered
+        return probe(ProbeContext(model=edited, tokenizer=world.tokenizer, edit_index=-1, applied=(), world=world,
+                                  seed=0)).metrics["probe/unedited/recall"]  # seed 0: the bench's runs
 
 
 def summarise(r: dict) -> None:
