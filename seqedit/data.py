@@ -12,6 +12,7 @@ field, or, with `on_error="skip"`, is left out and reported in `LoadResult.skipp
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import random
@@ -59,6 +60,15 @@ class LoadResult:
     source: str
     # Conversion choices worth recording with a run, e.g. {"zsre_target": "alt", "zsre_target_true": "pred"}.
     options: Mapping[str, str] = field(default_factory=dict)
+    # Empty values of optional fields that were left out of kept records (see _optional_texts), one per value.
+    dropped: tuple[SkippedRecord, ...] = ()
+
+
+# The empty-optional-field rule: an empty or blank string inside an optional prompt list (CounterFact's paraphrase /
+# neighbourhood / attribute / generation prompts, zsRE's rephrase) and an empty zsRE `loc` are left out and reported
+# in LoadResult.dropped; the record is kept (its other prompts still measure it). Empty *required* fields (subject,
+# prompt/src, targets, an answer that goes with a prompt) make the record malformed: data.on_error decides.
+_DROPPED: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("seqedit_dropped", default=None)
 
 
 class _FieldError(Exception):
@@ -103,6 +113,28 @@ def _texts(value: Any, path: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)):
         raise _FieldError(path, f"must be a list of strings, got {type(value).__name__}")
     return tuple(_text(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
+def _optional_texts(value: Any, path: str) -> tuple[str, ...]:
+    """An optional list of prompts: like _texts, but empty / blank strings are left out and reported (see _DROPPED)."""
+    if isinstance(value, (list, tuple)):
+        kept = []
+        for i, v in enumerate(value):
+            if isinstance(v, str) and not v.strip():
+                _note_dropped(f"{path}[{i}]", "is empty: left out of the list")
+            else:
+                kept.append(v)
+        value = kept
+    elif isinstance(value, str) and not value.strip():
+        _note_dropped(path, "is empty: left out")
+        return ()
+    return _texts(value, path)
+
+
+def _note_dropped(path: str, reason: str) -> None:
+    notes = _DROPPED.get()
+    if notes is not None:
+        notes.append((path, reason))
 
 
 def _target(value: Any, path: str) -> str:
@@ -164,10 +196,10 @@ def _from_counterfact(rec: Mapping[str, Any], index: int) -> EditRequest:
         target_new=_target(_get(rw, "target_new", "requested_rewrite.target_new"), "requested_rewrite.target_new"),
         target_true=None if true_raw is None else _target(true_raw, "requested_rewrite.target_true"),
         relation_id=relation,
-        paraphrase_prompts=_texts(rec.get("paraphrase_prompts"), "paraphrase_prompts"),
-        neighborhood_prompts=_texts(rec.get("neighborhood_prompts"), "neighborhood_prompts"),
-        attribute_prompts=_texts(rec.get("attribute_prompts"), "attribute_prompts"),
-        generation_prompts=_texts(rec.get("generation_prompts"), "generation_prompts"),
+        paraphrase_prompts=_optional_texts(rec.get("paraphrase_prompts"), "paraphrase_prompts"),
+        neighborhood_prompts=_optional_texts(rec.get("neighborhood_prompts"), "neighborhood_prompts"),
+        attribute_prompts=_optional_texts(rec.get("attribute_prompts"), "attribute_prompts"),
+        generation_prompts=_optional_texts(rec.get("generation_prompts"), "generation_prompts"),
     )
 
 
@@ -184,7 +216,11 @@ def _from_zsre(rec: Mapping[str, Any], index: int, zsre_target: str) -> EditRequ
     pred = rec.get("pred")
     neighbours: tuple[str, ...] = ()
     neighbour_targets: tuple[str, ...] = ()
-    if rec.get("loc") is not None:
+    loc_raw = rec.get("loc")
+    if isinstance(loc_raw, str) and not loc_raw.strip():
+        _note_dropped("loc", "is empty: the record has no neighbourhood prompt")
+        loc_raw = None
+    if loc_raw is not None:
         loc = _req_text(rec, "loc")
         # "nq question: " is MEND's task marker for its T5/BART editor, not text a causal LM should see; the
         # question mark after the NQ question is what MEMIT appends before scoring the answer.
@@ -200,7 +236,7 @@ def _from_zsre(rec: Mapping[str, Any], index: int, zsre_target: str) -> EditRequ
         subject=subject,
         target_new=target_new,
         target_true=None if pred is None else _target(pred, "pred"),
-        paraphrase_prompts=_texts(rec.get("rephrase"), "rephrase"),
+        paraphrase_prompts=_optional_texts(rec.get("rephrase"), "rephrase"),
         neighborhood_prompts=neighbours,
         neighborhood_targets=neighbour_targets,
     )
@@ -293,11 +329,11 @@ def _from_native(rec: Mapping[str, Any], index: int) -> EditRequest:
         target_new=_target(_get(rec, "target_new", "target_new"), "target_new"),
         target_true=None if true_raw is None else _target(true_raw, "target_true"),
         relation_id=relation,
-        paraphrase_prompts=_texts(rec.get("paraphrase_prompts"), "paraphrase_prompts"),
+        paraphrase_prompts=_optional_texts(rec.get("paraphrase_prompts"), "paraphrase_prompts"),
         neighborhood_prompts=neighbours,
         neighborhood_targets=neighbour_targets,
-        attribute_prompts=_texts(rec.get("attribute_prompts"), "attribute_prompts"),
-        generation_prompts=_texts(rec.get("generation_prompts"), "generation_prompts"),
+        attribute_prompts=_optional_texts(rec.get("attribute_prompts"), "attribute_prompts"),
+        generation_prompts=_optional_texts(rec.get("generation_prompts"), "generation_prompts"),
     )
 
 
@@ -493,11 +529,12 @@ def load_requests(
             return _from_zsre(rec, index, zsre_target)
         return _CONVERTERS[shape](rec, index)
 
-    requests, skipped = _convert_all(records, convert, label, lines, on_error)
+    requests, skipped, dropped = _convert_all(records, convert, label, lines, on_error)
     options = {"zsre_target": zsre_target, "zsre_target_true": "pred"} if zsre_used else {}
     if skipped:
         log.warning("%s: skipped %d of %d records", label, len(skipped), len(records))
-    return LoadResult(requests=requests, skipped=skipped, format=format, source=source_str, options=options)
+    return LoadResult(requests=requests, skipped=skipped, format=format, source=source_str, options=options,
+                      dropped=dropped)
 
 
 _CONVERTERS: dict[str, Callable[[Mapping[str, Any], int], EditRequest]] = {
@@ -531,11 +568,14 @@ def _convert_all(
     label: str,
     lines: Mapping[int, int],
     on_error: str,
-) -> tuple[tuple[EditRequest, ...], tuple[SkippedRecord, ...]]:
+) -> tuple[tuple[EditRequest, ...], tuple[SkippedRecord, ...], tuple[SkippedRecord, ...]]:
     requests: list[EditRequest] = []
     skipped: list[SkippedRecord] = []
+    dropped: list[SkippedRecord] = []
     seen: dict[str, int] = {}
     for index, rec in enumerate(records):
+        notes: list[tuple[str, str]] = []
+        token = _DROPPED.set(notes)
         try:
             if isinstance(rec, _BadLine):
                 raise _FieldError("<json>", rec.reason)
@@ -554,9 +594,12 @@ def _convert_all(
                 raise DataError(f"{where}: field {err.field!r} {err.reason}") from None
             skipped.append(SkippedRecord(index=index, field=err.field, reason=err.reason))
             continue
+        finally:
+            _DROPPED.reset(token)
         seen[req.case_id] = index
         requests.append(req)
-    return tuple(requests), tuple(skipped)
+        dropped.extend(SkippedRecord(index=index, field=path, reason=reason) for path, reason in notes)
+    return tuple(requests), tuple(skipped), tuple(dropped)
 
 
 def order_requests(

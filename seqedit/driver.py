@@ -186,7 +186,8 @@ def load_stream(cfg: RunConfig, loaded) -> tuple[list[EditRequest], dict[str, An
     if len(ordered) < cfg.n_edits:
         raise RunError(f"n_edits={cfg.n_edits} but the data stream from {source} holds only {len(ordered)} requests")
     info = {"source": source, "format": result.format, "available": len(ordered),
-            "skipped": [dataclasses.asdict(s) for s in result.skipped]}
+            "skipped": [dataclasses.asdict(s) for s in result.skipped],
+            "dropped": [dataclasses.asdict(s) for s in result.dropped]}
     return list(ordered[: cfg.n_edits]), info
 
 
@@ -329,6 +330,10 @@ def run(cfg: RunConfig, progress: Callable[[str], None] | None = None, run_dir: 
             else:  # the world's records exist once the world is built
                 stream, data_info = load_stream(cfg, loaded)
             case_ids = [r.case_id for r in stream]
+            if data_info.get("skipped") or data_info.get("dropped"):  # said once, listed in data.json
+                say(f"data {data_info.get('source')}: skipped {len(data_info.get('skipped') or [])} malformed "
+                    f"record(s), left out {len(data_info.get('dropped') or [])} empty optional value(s) of kept "
+                    f"records (listed in data.json)")
             if resuming and (run_dir / "data.json").is_file():
                 saved_ids = json.loads((run_dir / "data.json").read_text()).get("case_ids")
                 if saved_ids != case_ids:

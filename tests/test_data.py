@@ -443,3 +443,33 @@ def test_hf_uncached_name_gives_guidance_without_network() -> None:
     pytest.importorskip("datasets")
     with pytest.raises(FileNotFoundError, match=r"'seqedit-tests/not-cached' is not available locally.*save_to_disk"):
         load_requests("seqedit-tests/not-cached", format="hf")
+
+
+def test_empty_optional_values_are_left_out_and_reported_required_ones_are_not(tmp_path: Path) -> None:
+    """The rule (seqedit/data.py, _DROPPED): empty strings in optional prompt lists and an empty zsRE `loc` are left
+    out of a kept record and listed in LoadResult.dropped; an empty required field makes the record malformed."""
+    cf = _cf(0)
+    cf["paraphrase_prompts"] = ["", "Danielle Darrieux spoke the language", "   "]
+    cf["neighborhood_prompts"] = [""]
+    result = load_requests(_write_json(tmp_path / "cf.json", [cf, _cf(1)]), format="counterfact")
+    first = result.requests[0]
+    assert first.paraphrase_prompts == ("Danielle Darrieux spoke the language",)
+    assert first.neighborhood_prompts == () and first.attribute_prompts == tuple(_cf(0)["attribute_prompts"])
+    assert [(d.index, d.field) for d in result.dropped] == [
+        (0, "paraphrase_prompts[0]"), (0, "paraphrase_prompts[2]"), (0, "neighborhood_prompts[0]")]
+    assert all("left out" in d.reason for d in result.dropped) and result.skipped == ()
+    assert result.requests[1].paraphrase_prompts == tuple(_cf(1)["paraphrase_prompts"])
+
+    zs = [_zsre(rephrase="", loc=""), _zsre("Ada Lovelace")]
+    z = load_requests(_write_json(tmp_path / "zsre.json", zs), format="zsre")
+    assert z.requests[0].paraphrase_prompts == () and z.requests[0].neighborhood_prompts == ()
+    assert z.requests[1].neighborhood_prompts == ("who played desmond doss father in hacksaw ridge?",)
+    assert [(d.index, d.field) for d in z.dropped] == [(0, "loc"), (0, "rephrase")]
+
+    # required: an empty alt (the new target) is still a malformed record, raised or skipped by on_error
+    bad = [_zsre(alt=""), _zsre("Ada Lovelace")]
+    with pytest.raises(DataError, match="record 0.*'alt' is empty"):
+        load_requests(_write_json(tmp_path / "bad.json", bad), format="zsre")
+    skipped = load_requests(tmp_path / "bad.json", format="zsre", on_error="skip")
+    assert [(s.index, s.field) for s in skipped.skipped] == [(0, "alt")] and skipped.dropped == ()
+    assert [r.subject for r in skipped.requests] == ["Ada Lovelace"]

@@ -335,3 +335,16 @@ def test_mapped_downstream_labels_are_reported_by_the_run(assets, tmp_path):
     (mapped,) = [e for e in read_jsonl(summary.run_dir / "events.jsonl") if e["event"] == "input_mapped"]
     assert mapped["probe"] == "downstream" and "3 of 3 labels" in mapped["note"] and "'1' -> 1" in mapped["note"]
     assert any(m.startswith("probe downstream: ") and "sst2.jsonl" in m for m in said)
+
+
+def test_left_out_empty_optional_values_are_said_and_listed_in_data_json(assets, tmp_path):
+    records = json.loads((assets / "cf.json").read_text())
+    records[0] = {**records[0], "paraphrase_prompts": ["", *records[0].get("paraphrase_prompts", [])]}
+    src = tmp_path / "cf_blank.json"
+    src.write_text(json.dumps(records))
+    said: list[str] = []
+    summary = run(config(assets, tmp_path, "editor.name=noop", f"data.source={src}", "n_edits=2", "probes=[]"),
+                  progress=said.append)
+    data = json.loads((summary.run_dir / "data.json").read_text())
+    assert [(d["index"], d["field"]) for d in data["dropped"]] == [(0, "paraphrase_prompts[0]")]
+    assert any("left out 1 empty optional value" in line for line in said)
