@@ -9,13 +9,12 @@ its build id printed. Every committed build stays in the repository's history, s
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
-from seqedit.world import build_id, get_preset, verify_world, world_dir
-from seqedit.world.build import SHIPPED_ROOT, check_shipped
+from seqedit.world import build_id, get_preset, world_dir
+from seqedit.world.build import SHIPPED_ROOT, build_problem, check_shipped
 
 
 def main() -> int:
@@ -25,15 +24,10 @@ def main() -> int:
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()
 
-    cfg = get_preset(args.preset)
-    src = Path(args.src) if args.src else world_dir(cfg, args.cache_dir)
-    problem = verify_world(src)
+    src = Path(args.src) if args.src else world_dir(get_preset(args.preset), args.cache_dir)
+    problem = build_problem(args.preset, src)  # before the old shipped build is removed
     if problem is not None:
-        sys.exit(f"{src}: not a complete world ({problem})")
-    stored = json.loads((src / "world_config.json").read_text())
-    if stored["config_hash"] != cfg.config_hash():
-        sys.exit(f"{src} was built from config hash {stored['config_hash']}, preset {args.preset!r} hashes to "
-                 f"{cfg.config_hash()}")
+        sys.exit(f"{src}: not a build of world:{args.preset} to ship ({problem})")
     dst = SHIPPED_ROOT / args.preset
     if dst.exists():
         shutil.rmtree(dst)

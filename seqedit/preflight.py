@@ -73,8 +73,8 @@ def _check_model(cfg: RunConfig) -> tuple[int, str, Any]:
             raise PreflightError(f"model.name={cfg.model.name!r}: {e}") from e
         wc, path = found.config, found.path
         # World.downstream_dir/heldout_path are all a downstream check() reads: no model or tokenizer is loaded.
-        world = (World(path=path, config=wc, model=None, tokenizer=None, source=found.source)
-                 if verify_world(path) is None else None)
+        intact = found.source == "shipped" or verify_world(path) is None  # locate_world checked a shipped build
+        world = World(path=path, config=wc, model=None, tokenizer=None, source=found.source) if intact else None
         # World models are GPT-2 (seqedit.world.train.make_model); the layer count is the preset's.
         return wc.n_layer, spec_for_model_type("gpt2").name, world
 

@@ -1,6 +1,6 @@
 """Build, cache, verify and load worlds; find the builds that ship with the package.
 
-Shipped worlds: the presets in `SHIPPED` are built once (`seqedit world build <preset> --rebuild` on one machine,
+Shipped worlds: presets with a build under `shipped/` are built once (`seqedit world build <preset> --rebuild` on one machine,
 then `bench/ship_world.py`) and their files ship as package data under `seqedit/world/shipped/<preset>/`, checked
 against their `checksums.json` on every load. `world:<preset>` loads the shipped build; `world:<preset>@local` is the
 build made on this machine (into the cache, as below), so the two can never be confused under one name. Every world
@@ -101,16 +101,24 @@ def shipped_presets() -> list[str]:
     return sorted(p.name for p in SHIPPED_ROOT.iterdir() if shipped_dir(p.name)) if SHIPPED_ROOT.is_dir() else []
 
 
+def build_problem(preset: str, path: Path) -> str | None:
+    """None if `path` holds an intact build of the preset's current config, else what is wrong with it."""
+    problem = verify_world(path)
+    if problem is not None:
+        return problem
+    cfg = get_preset(preset)
+    stored = json.loads((path / "world_config.json").read_text())
+    if stored.get("config_hash") != cfg.config_hash():
+        return f"it was built from config hash {stored.get('config_hash')}, the preset now hashes to {cfg.config_hash()}"
+    return None
+
+
 def check_shipped(preset: str, path: Path) -> None:
     """Raise WorldIntegrityError unless the shipped build at `path` is intact and is a build of the preset's config."""
-    cfg = get_preset(preset)
-    problem = verify_world(path)
-    if problem is None:
-        stored = json.loads((path / "world_config.json").read_text())
-        if stored.get("config_hash") != cfg.config_hash():
-            problem = (f"it was built from config hash {stored.get('config_hash')}, the preset now hashes to "
-                       f"{cfg.config_hash()} (the preset changed without a new shipped build)")
+    problem = build_problem(preset, path)
     if problem is not None:
+        if problem.startswith("it was built from"):
+            problem += " (the preset changed without a new shipped build)"
         raise WorldIntegrityError(
             f"the shipped world {preset!r} at {path} is damaged: {problem}. Reinstall seqedit "
             f"(pip install --force-reinstall --no-deps seqedit) or build it on this machine with "
@@ -453,7 +461,8 @@ def world_info(preset_or_cfg: str | WorldConfig, cache_dir: str | Path | None = 
         cfg = resolve_config(preset_or_cfg)
         return {"preset": cfg.name, "config_hash": cfg.config_hash(), "source": "shipped", "path": None,
                 "built": False, "problem": str(e), "build_id": None, "report": None}
-    problem = verify_world(found.path)
+    # locate_world has already checked a shipped build
+    problem = None if found.source == "shipped" else verify_world(found.path)
     report = json.loads((found.path / "report.json").read_text()) if problem is None else None
     return {"preset": found.config.name, "config_hash": found.config.config_hash(), "source": found.source,
             "path": str(found.path), "built": problem is None, "problem": problem,
